@@ -1,3 +1,8 @@
 """batchnorm: fast, complete and trustworthy batch normalization for PyTorch."""
 
+from batchnorm import functional
+from batchnorm.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
 __version__ = "0.1.0"
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional"]

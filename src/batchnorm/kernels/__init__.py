@@ -1,0 +1,152 @@
+"""The kernel boundary: three `torch.library` custom ops carry all batch-norm math.
+
+    batchnorm::stats(x) -> (count, mean, m2)
+    batchnorm::forward(x, mean, invstd, weight?, bias?, z?, act, act_param, training) -> y
+    batchnorm::backward(dy, x, mean, invstd, weight?, bias?, z?, y?, act, act_param, training,
+                        count?, sum_dy?, sum_dy_xhat?, input_grad) -> (dx, dweight, dbias, dz)
+
+`torch.compile` and `torch.export` see these ops as single opaque nodes (they have fake
+implementations and `register_autograd`). Eager mode does not pay the ~70 us custom-op dispatch per
+call: `BatchNormFunction` calls the same implementation functions through one autograd.Function.
+Either way `implementation(x)` picks the module that does the work (the dispatch table below), so
+the math exists once per kernel family.
+
+With `training=True`, `mean` and `invstd` are the batch statistics of `x` itself, so the backward is
+the closed form that differentiates through them (DESIGN.md, "The kernel boundary"); with
+`training=False` they are constants (running statistics).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from batchnorm.kernels import native
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "gelu_tanh")
+# relu and leaky_relu recover act'(pre) from the sign of the output, so the forward keeps y.
+OUTPUT_SAVING_ACTIVATIONS = ("relu", "leaky_relu")
+
+
+def implementation(x: Tensor) -> ModuleType:
+    """The dispatch table (device x dtype x layout): which module computes batch norm for `x`."""
+    return native
+
+
+# ---- custom ops: what torch.compile / torch.export see -------------------------------------
+
+@torch.library.custom_op("batchnorm::stats", mutates_args=())
+def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel (count, mean, m2) of a non-empty (N, C, *spatial) tensor."""
+    return implementation(x).stats(x)
+
+
+@stats.register_fake
+def _stats_fake(x):
+    acc = native.accumulation_dtype(x.dtype)
+    return tuple(x.new_empty((x.shape[1],), dtype=acc) for _ in range(3))
+
+
+@torch.library.custom_op("batchnorm::forward", mutates_args=())
+def forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+            z: Tensor | None, act: str, act_param: float, training: bool) -> Tensor:
+    """y = act(weight * (x - mean) * invstd + bias (+ z))."""
+    return implementation(x).forward(x, mean, invstd, weight, bias, z, act, act_param)
+
+
+@forward.register_fake
+def _forward_fake(x, mean, invstd, weight, bias, z, act, act_param, training):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("batchnorm::backward", mutates_args=())
+def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+             bias: Tensor | None, z: Tensor | None, y: Tensor | None, act: str, act_param: float,
+             training: bool, count: Tensor | None, sum_dy: Tensor | None,
+             sum_dy_xhat: Tensor | None, input_grad: bool
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Closed-form backward: (dx, dweight, dbias, dz); see `native.backward` for the formulas."""
+    dx, dweight, dbias, dz = implementation(x).backward(
+        dy, x, mean, invstd, weight, bias, z, y, act, act_param, training, count, sum_dy,
+        sum_dy_xhat, input_grad)
+    # custom ops may not return their inputs: pass-through reductions and dz = dy are copied.
+    dweight = dweight.clone() if dweight is sum_dy_xhat else dweight
+    dbias = dbias.clone() if dbias is sum_dy else dbias
+    dz = dz.clone() if dz is dy else dz
+    return dx, dweight, dbias, dz
+
+
+@backward.register_fake
+def _backward_fake(dy, x, mean, invstd, weight, bias, z, y, act, act_param, training, count,
+                   sum_dy, sum_dy_xhat, input_grad):
+    reduced = x.new_empty((x.shape[1],), dtype=invstd.dtype)
+    dx = torch.empty_like(x) if input_grad else x.new_empty(0)
+    dz = torch.empty_like(z) if z is not None else x.new_empty(0)
+    return dx, reduced, torch.empty_like(reduced), dz
+
+
+def _forward_setup_context(ctx, inputs, output):
+    x, mean, invstd, weight, bias, z, act, act_param, training = inputs
+    ctx.save_for_backward(x, mean, invstd, weight, bias, z,
+                          output if act in OUTPUT_SAVING_ACTIVATIONS else None)
+    ctx.act, ctx.act_param, ctx.training = act, act_param, training
+
+
+def _forward_backward(ctx, dy):
+    x, mean, invstd, weight, bias, z, y = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, dweight, dbias, dz = backward(dy, x, mean, invstd, weight, bias, z, y, ctx.act,
+                                      ctx.act_param, ctx.training, None, None, None, needs[0])
+    return _grads_for_inputs(needs, (3, 4, 5), weight, bias, dx, dweight, dbias, dz) + (None,) * 3
+
+
+torch.library.register_autograd("batchnorm::forward", _forward_backward,
+                                setup_context=_forward_setup_context)
+
+
+def _grads_for_inputs(needs, param_slots, weight, bias, dx, dweight, dbias, dz):
+    """Gradients for x (slot 0) and weight, bias, z at `param_slots`; None where not needed."""
+    weight_slot, bias_slot, z_slot = param_slots
+    grads = [dx if needs[0] else None] + [None] * z_slot
+    if needs[weight_slot]:
+        grads[weight_slot] = dweight.to(weight.dtype)
+    if needs[bias_slot]:
+        grads[bias_slot] = dbias.to(bias.dtype)
+    if needs[z_slot]:
+        grads[z_slot] = dz
+    return tuple(grads)
+
+
+# ---- eager path: one autograd.Function call per layer call, no custom-op dispatch ---------
+
+class BatchNormFunction(torch.autograd.Function):
+    """Eager batch norm. Training (`mean is None`): fused statistics + normalization, returning
+    (y, count, mean, m2, invstd) with only y differentiable. Eval: normalization with the given
+    statistics, returning y."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, z, mean, invstd, eps, act, act_param):
+        impl = implementation(x)
+        training = mean is None
+        if training:
+            y, count, mean, m2, invstd = impl.train_forward(x, weight, bias, z, eps, act, act_param)
+        else:
+            y = impl.forward(x, mean, invstd, weight, bias, z, act, act_param)
+        ctx.save_for_backward(x, mean, invstd, weight, bias, z,
+                              y if act in OUTPUT_SAVING_ACTIVATIONS else None)
+        ctx.act, ctx.act_param, ctx.training = act, act_param, training
+        if not training:
+            return y
+        ctx.mark_non_differentiable(count, mean, m2, invstd)
+        return y, count, mean, m2, invstd
+
+    @staticmethod
+    def backward(ctx, dy, *_stat_grads):
+        x, mean, invstd, weight, bias, z, y = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, dweight, dbias, dz = implementation(x).backward(
+            dy, x, mean, invstd, weight, bias, z, y, ctx.act, ctx.act_param, ctx.training,
+            None, None, None, needs[0])
+        return _grads_for_inputs(needs, (1, 2, 3), weight, bias, dx, dweight, dbias, dz) + (None,) * 5
