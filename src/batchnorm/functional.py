@@ -9,7 +9,11 @@ This module is the only place the update rules live (DESIGN.md, "The rules that 
 - a batch whose statistics are not finite leaves the running statistics alone (the output still
   shows the NaN) and warns once per layer; under torch.compile the guard is branch-free;
 - an empty batch (N=0) returns an empty output and changes nothing;
-- training on M=1 values per channel raises ValueError.
+- training on M=1 values per channel raises ValueError;
+- `sync=True` (SyncBatchNorm): in training, the statistics are those of the global batch over the
+  ranks of a `torch.distributed` process group (see `_SyncBatchNormFunction`); the rules above then
+  apply to the global batch: the global M decides the M=1 error, a globally empty batch changes
+  nothing, and every rank applies the same update.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import warnings
 import weakref
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from batchnorm import kernels
+from batchnorm.kernels import native
 
 __all__ = ["batch_norm", "check_momentum", "check_eps"]
 
@@ -73,7 +79,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                momentum: float | None = 0.1, eps: float = 1e-5, *,
                num_batches_tracked: Tensor | None = None, residual: Tensor | None = None,
                activation: str = "identity", negative_slope: float = 0.01,
-               layer_name: str | None = None, warn_key: object | None = None) -> Tensor:
+               layer_name: str | None = None, warn_key: object | None = None,
+               sync: bool = False, process_group: "dist.ProcessGroup | None" = None) -> Tensor:
     """y = act(weight * (x - E[x]) / sqrt(Var[x] + eps) + bias (+ residual)), per channel (dim 1).
 
     Same semantics as `torch.nn.functional.batch_norm`: batch statistics are used when `training`
@@ -94,13 +101,21 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         negative_slope: the slope of "leaky_relu".
         layer_name: how errors and warnings name the caller, e.g. "BatchNorm2d(64)".
         warn_key: object the non-finite warning is issued once for (defaults to the call site).
+        sync: in training, compute the statistics over the global batch of all ranks of
+            `process_group` (SyncBatchNorm). Every rank must then call this in the same order, in
+            forward and backward, even with an empty batch. No communication in eval mode, with a
+            world size of 1, or when torch.distributed is not initialized.
+        process_group: the group `sync` reduces over; None is the default (world) group.
 
     Returns:
         A tensor shaped like `input`, in its dtype and memory format.
 
     Raises:
         TypeError: non-tensor or integer input.
-        ValueError: bad shapes, devices, momentum or eps; training with one value per channel.
+        ValueError: bad shapes, devices, momentum or eps; training with one value per channel
+            (with `sync`, one value over all ranks); `sync` on a rank outside `process_group`.
+        RuntimeError: with `sync`, a collective failed (a rank died or timed out); the message
+            names the layer.
     """
     name = layer_name or "batch_norm"
     _check_input(input, {"running_mean": running_mean, "running_var": running_var,
@@ -118,6 +133,10 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
 
+    if sync and training and _sync_world_size(process_group, name) > 1:
+        return _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                                num_batches_tracked, residual, activation, negative_slope,
+                                process_group, name, warn_key)
     if input.numel() == 0:
         return input.clone()
     use_batch_stats = training or running_mean is None
@@ -128,15 +147,18 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
     values_per_channel = input.numel() // input.shape[1]
     if values_per_channel == 1:
-        raise ValueError(
-            f"{name}: training needs more than one value per channel (got input of shape "
-            f"{_shape(input)}); use eval mode, BatchRenorm, or GroupNorm for batch size 1")
+        raise _one_value_error(name, f"input of shape {_shape(input)}")
     y, count, mean, m2 = _normalize(input, weight, bias, residual, None, None, eps, activation,
                                     negative_slope)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
     return y
+
+
+def _one_value_error(name: str, got: str) -> ValueError:
+    return ValueError(f"{name}: training needs more than one value per channel (got {got}); use "
+                      f"eval mode, BatchRenorm, or GroupNorm for batch size 1")
 
 
 def _normalize(x, weight, bias, residual, mean, invstd, eps, activation, negative_slope):
@@ -192,3 +214,121 @@ def _warn_nonfinite(name: str, warn_key: object | None) -> None:
         f"statistics were left unchanged; find the input with "
         f"torch.autograd.set_detect_anomaly(True) or a forward pre-hook checking "
         f"torch.isfinite(input).all()", RuntimeWarning, stacklevel=4)
+
+
+# ---- sync: statistics over the global batch of a process group ------------------------------
+
+def _sync_world_size(process_group: "dist.ProcessGroup | None", name: str) -> int:
+    """Ranks in `process_group`; 1 when torch.distributed is unavailable or not initialized, so a
+    synced model also runs in a plain single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    if dist.get_rank(process_group) < 0:
+        raise ValueError(f"{name}: sync=True on rank {dist.get_rank()}, which is not a member of "
+                         f"process_group; run the layer only on the group's ranks, or build it "
+                         f"with a group that contains this rank")
+    return dist.get_world_size(process_group)
+
+
+@torch.compiler.disable(reason="collectives inside an autograd.Function: runs eagerly")
+def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                     num_batches_tracked, residual, activation, negative_slope, process_group,
+                     name, warn_key):
+    """Training with global statistics, then the running-statistics update, identical on every
+    rank because every rank merges the same gathered partials in the same order."""
+    y, count, mean, m2 = _SyncBatchNormFunction.apply(
+        input, weight, bias, residual, eps, activation, negative_slope, process_group, name)
+    if running_mean is not None and count[0] > 0:
+        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+                             momentum, name, warn_key)
+    return y
+
+
+def _collective(what: str, call, process_group, name: str) -> None:
+    """Run one collective; a failure (dead rank, timeout, a rank that skipped the layer) becomes
+    an error that names the layer, since the backend's message names only its own internals."""
+    try:
+        call()
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"{name}: the {what} across the {dist.get_world_size(process_group)} ranks of the "
+            f"process group failed on rank {dist.get_rank()}: another rank has died, timed out, or "
+            f"did not run this layer (every rank must run the forward and backward of every synced "
+            f"layer in the same order, even with an empty batch). Backend error: {error}"
+        ) from error
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Batch norm with the statistics of the global batch of `process_group`.
+
+    Forward: local (count, mean, m2) from the `stats` kernel (zeros for an empty local batch), one
+    all-gather of the (3, C) partials, Chan's merge weighted by count (`native.merge_stats`, which
+    ignores empty partials), then the `forward` kernel with the global mean and invstd. An
+    all-gather rather than an all-reduce because Chan's merge is exact where summing
+    (n, n*mean, m2 + n*mean^2) cancels catastrophically when |mean| >> std.
+
+    Backward: local sum(g) and sum(g * x_hat) (`backward` kernel with input_grad=False), one
+    all-reduce of the (2, C) sums, then dx from the `backward` kernel with the global sums and
+    global count M. dweight/dbias are this rank's contributions: DDP averages parameter gradients
+    across ranks exactly as it does for every other layer, so the result is the gradient of the
+    mean of the per-rank losses.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, z, eps, act, act_param, process_group, name):
+        impl = kernels.implementation(x)
+        channels = x.shape[1]
+        acc = native.accumulation_dtype(x.dtype)
+        if x.numel() > 0:
+            local = torch.stack(impl.stats(x))
+        else:
+            local = x.new_zeros((3, channels), dtype=acc)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+        _collective("all-gather of the batch statistics",
+                    lambda: dist.all_gather(gathered, local, group=process_group), process_group,
+                    name)
+        partials = torch.stack(gathered)
+        count, mean, m2 = native.merge_stats(partials[:, 0], partials[:, 1], partials[:, 2])
+        total = int(count[0])
+        if total == 1:
+            # Every rank sees the same total, so every rank raises: none is left waiting.
+            raise _one_value_error(name, f"input of shape {_shape(x)} on this rank, 1 value per "
+                                         f"channel over all {len(gathered)} ranks")
+        invstd = torch.rsqrt(m2 / count.clamp_min(1) + eps)
+        if x.numel() > 0:
+            y = impl.forward(x, mean, invstd, weight, bias, z, act, act_param)
+        else:
+            y = torch.empty_like(x)
+        ctx.save_for_backward(x, mean, invstd, weight, bias, z, count,
+                              y if act in kernels.OUTPUT_SAVING_ACTIVATIONS else None)
+        ctx.act, ctx.act_param, ctx.process_group, ctx.name = act, act_param, process_group, name
+        ctx.mark_non_differentiable(count, mean, m2)
+        return y, count, mean, m2
+
+    @staticmethod
+    def backward(ctx, dy, *_stat_grads):
+        x, mean, invstd, weight, bias, z, count, y = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        impl = kernels.implementation(x)
+        if x.numel() > 0:
+            _, sum_dy_xhat, sum_dy, dz = impl.backward(
+                dy, x, mean, invstd, weight, bias, z, y, ctx.act, ctx.act_param, True, None, None,
+                None, False)
+        else:
+            sum_dy_xhat, sum_dy = torch.zeros_like(invstd), torch.zeros_like(invstd)
+            dz = torch.empty_like(z) if z is not None else None
+        sums = torch.stack([sum_dy, sum_dy_xhat])
+        _collective("all-reduce of the gradient sums",
+                    lambda: dist.all_reduce(sums, group=ctx.process_group), ctx.process_group,
+                    ctx.name)
+        dx = None
+        if needs[0]:
+            if x.numel() > 0:
+                dx, _, _, _ = impl.backward(
+                    dy, x, mean, invstd, weight, bias, z, y, ctx.act, ctx.act_param, True, count,
+                    sums[0], sums[1], True)
+            else:
+                dx = torch.empty_like(x)
+        grads = kernels._grads_for_inputs(needs, (1, 2, 3), weight, bias, dx, sum_dy_xhat, sum_dy,
+                                          dz)
+        return grads + (None,) * 5

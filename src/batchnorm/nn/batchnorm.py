@@ -20,6 +20,10 @@ Args (all layers):
     track_running_stats: keep running_mean/running_var/num_batches_tracked buffers and use them in
         eval; when False, batch statistics are used in both modes. Default True.
     device, dtype: of the parameters and buffers.
+    sync: keyword-only; in training, compute the statistics over the global batch of all ranks of
+        `process_group` (what SyncBatchNorm does); see `batchnorm.functional.batch_norm`. Default
+        False. `batchnorm.convert_sync_batchnorm` turns it on for a whole model.
+    process_group: keyword-only; the group `sync` reduces over, None for the default group.
 
 Raises:
     ValueError: num_features <= 0, eps <= 0, momentum outside [0, 1], input of the wrong rank or
@@ -39,17 +43,28 @@ class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
     """The shared forward of our batch-norm layers; subclasses name the input ranks they accept."""
 
     _input_ranks: tuple[int, ...] = ()
+    # Class-level defaults too, so modules pickled before the sync option existed still load.
+    sync: bool = False
+    process_group = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None) -> None:
+                 dtype=None, *, sync: bool = False, process_group=None) -> None:
         name = f"{type(self).__name__}({num_features!r})"
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got "
                              f"{num_features!r}")
         F.check_eps(eps, name)
         F.check_momentum(momentum, name)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if process_group is not None and not sync:
+            raise ValueError(f"{name}: process_group is only used with sync=True; pass sync=True "
+                             f"or drop process_group")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype)
+        # Set after torch's __init__: torch.nn.SyncBatchNorm's (a base of our SyncBatchNorm)
+        # resets process_group to its own default.
+        self.sync = sync
+        self.process_group = process_group
 
     @property
     def layer_name(self) -> str:
@@ -68,7 +83,8 @@ class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
             input, self.running_mean if use_running else None,
             self.running_var if use_running else None, self.weight, self.bias, self.training,
             self.momentum, self.eps, num_batches_tracked=self.num_batches_tracked,
-            layer_name=self.layer_name, warn_key=self)
+            layer_name=self.layer_name, warn_key=self, sync=self.sync,
+            process_group=self.process_group)
 
 
 class BatchNorm1d(BatchNormBase, torch.nn.BatchNorm1d):
