@@ -59,10 +59,7 @@ class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
         if process_group is not None and not sync:
             raise ValueError(f"{name}: process_group is only used with sync=True; pass sync=True "
                              f"or drop process_group")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
-                         dtype=dtype)
-        # Set after torch's __init__: torch.nn.SyncBatchNorm's (a base of our SyncBatchNorm)
-        # resets process_group to its own default.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.sync = sync
         self.process_group = process_group
 

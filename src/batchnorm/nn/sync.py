@@ -35,10 +35,11 @@ def _check_at_least_2d(self: BatchNormBase, input: Tensor) -> None:
                          f"{tuple(input.shape)})")
 
 
-class SyncBatchNorm(BatchNormBase, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(BatchNormBase):
     """Batch norm over (N, C, *spatial) input with statistics of the global batch; see the module
-    docstring. Subclasses `torch.nn.SyncBatchNorm` so `isinstance` checks and state_dicts carry
-    over; the forward is ours.
+    docstring. State_dict keys are torch.nn.SyncBatchNorm's. It deliberately does not subclass
+    `torch.nn.SyncBatchNorm`: DistributedDataParallel refuses CPU models containing one ("SyncBatchNorm
+    layers only work with GPU modules"), and running on CPU is the point.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype: as BatchNorm2d.
