@@ -42,7 +42,8 @@ class SyncBatchNorm(BatchNormBase):
     layers only work with GPU modules"), and running on CPU is the point.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype: as BatchNorm2d.
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias: as
+            BatchNorm2d.
         process_group: the ranks whose batches are normalized together; None for the default
             (world) group. Every rank of the group must run this layer's forward and backward, in
             the same order as the group's other collectives, even with an empty batch.
@@ -56,9 +57,9 @@ class SyncBatchNorm(BatchNormBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         sync=True, process_group=process_group)
+                         bias=bias, sync=True, process_group=process_group)
 
     _check_input_dim = _check_at_least_2d
 
