@@ -38,8 +38,8 @@ def _check_at_least_2d(self: BatchNormBase, input: Tensor) -> None:
 class SyncBatchNorm(BatchNormBase):
     """Batch norm over (N, C, *spatial) input with statistics of the global batch; see the module
     docstring. State_dict keys are torch.nn.SyncBatchNorm's. It deliberately does not subclass
-    `torch.nn.SyncBatchNorm`: DistributedDataParallel refuses CPU models containing one ("SyncBatchNorm
-    layers only work with GPU modules"), and running on CPU is the point.
+    `torch.nn.SyncBatchNorm`: DistributedDataParallel refuses CPU models containing one
+    ("SyncBatchNorm layers only work with GPU modules"), and running on CPU is the point.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype, bias: as
@@ -65,7 +65,7 @@ class SyncBatchNorm(BatchNormBase):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
-        """`batchnorm.convert_sync_batchnorm` (overrides torch's, which would build torch's layer)."""
+        """`batchnorm.convert_sync_batchnorm`, under torch.nn.SyncBatchNorm's name for it."""
         return convert_sync_batchnorm(module, process_group)
 
 
@@ -137,7 +137,8 @@ def _convert(module: torch.nn.Module, process_group, path: str) -> torch.nn.Modu
             f"same behaviour (e.g. BatchNormAct2d), which converts keeping it", RuntimeWarning,
             stacklevel=3)
     for name, child in converted.named_children():
-        converted.add_module(name, _convert(child, process_group, f"{path}.{name}" if path else name))
+        child_path = f"{path}.{name}" if path else name
+        converted.add_module(name, _convert(child, process_group, child_path))
     return converted
 
 
