@@ -11,7 +11,7 @@ This module is the only place the update rules live (DESIGN.md, "The rules that 
 - an empty batch (N=0) returns an empty output and changes nothing;
 - training on M=1 values per channel raises ValueError;
 - `sync=True` (SyncBatchNorm): in training, the statistics are those of the global batch over the
-  ranks of a `torch.distributed` process group (see `_SyncBatchNormFunction`); the rules above then
+  ranks of a `torch.distributed` process group (see `_sync_batch_stats`); the rules above then
   apply to the global batch: the global M decides the M=1 error, a globally empty batch changes
   nothing, and every rank applies the same update.
 """
@@ -217,6 +217,9 @@ def _warn_nonfinite(name: str, warn_key: object | None) -> None:
 
 
 # ---- sync: statistics over the global batch of a process group ------------------------------
+# Two reusable pieces, which every synced variant composes: `_sync_batch_stats` (the global
+# statistics) and `_SyncNormalizeFunction` (normalization with them, whose backward all-reduces the
+# gradient sums). Both run eagerly under torch.compile (`torch.compiler.disable` on the callers).
 
 def _sync_world_size(process_group: "dist.ProcessGroup | None", name: str) -> int:
     """Ranks in `process_group`; 1 when torch.distributed is unavailable or not initialized, so a
@@ -236,8 +239,10 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
                      name, warn_key):
     """Training with global statistics, then the running-statistics update, identical on every
     rank because every rank merges the same gathered partials in the same order."""
-    y, count, mean, m2 = _SyncBatchNormFunction.apply(
-        input, weight, bias, residual, eps, activation, negative_slope, process_group, name)
+    count, mean, m2 = _sync_batch_stats(input, process_group, name)
+    invstd = torch.rsqrt(m2 / count.clamp_min(1) + eps)
+    y = _SyncNormalizeFunction.apply(input, mean, invstd, count, weight, bias, residual,
+                                     activation, negative_slope, process_group, name)
     if running_mean is not None and count[0] > 0:
         update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
@@ -245,8 +250,8 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
 
 
 def _collective(what: str, call, process_group, name: str) -> None:
-    """Run one collective; a failure (dead rank, timeout, a rank that skipped the layer) becomes
-    an error that names the layer, since the backend's message names only its own internals."""
+    """Run one collective; a failure becomes an error that names the layer and the usual causes,
+    since the backend's message names only its own internals."""
     try:
         call()
     except RuntimeError as error:
@@ -254,60 +259,64 @@ def _collective(what: str, call, process_group, name: str) -> None:
             f"{name}: the {what} across the {dist.get_world_size(process_group)} ranks of the "
             f"process group failed on rank {dist.get_rank()}: another rank has died, timed out, or "
             f"did not run this layer (every rank must run the forward and backward of every synced "
-            f"layer in the same order, even with an empty batch). Backend error: {error}"
+            f"layer in the same order, even with an empty batch), or the backend does not take "
+            f"these tensors. Backend error: {error}"
         ) from error
 
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """Batch norm with the statistics of the global batch of `process_group`.
+@torch.no_grad()
+def _sync_batch_stats(x: Tensor, process_group, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel (count, mean, m2) of the global batch: the concatenation of every rank's `x`.
 
-    Forward: local (count, mean, m2) from the `stats` kernel (zeros for an empty local batch), one
-    all-gather of the (3, C) partials, Chan's merge weighted by count (`native.merge_stats`, which
-    ignores empty partials), then the `forward` kernel with the global mean and invstd. An
-    all-gather rather than an all-reduce because Chan's merge is exact where summing
-    (n, n*mean, m2 + n*mean^2) cancels catastrophically when |mean| >> std.
+    Local (count, mean, m2) from the `stats` kernel (zeros for an empty local batch), one
+    all-gather of the (3, C) partials, then Chan's merge weighted by count (`native.merge_stats`,
+    which ignores empty partials). An all-gather rather than an all-reduce because the merge is
+    exact where summing (n, n*mean, m2 + n*mean^2) cancels catastrophically when |mean| >> std.
+    Every rank merges the same partials in the same order: the results are bitwise identical.
+
+    Raises ValueError, on every rank alike, when the global batch has one value per channel.
+    """
+    acc = native.accumulation_dtype(x.dtype)
+    if x.numel() > 0:
+        local = torch.stack(kernels.implementation(x).stats(x))
+    else:
+        local = x.new_zeros((3, x.shape[1]), dtype=acc)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+    _collective("all-gather of the batch statistics",
+                lambda: dist.all_gather(gathered, local, group=process_group), process_group, name)
+    partials = torch.stack(gathered)
+    count, mean, m2 = native.merge_stats(partials[:, 0], partials[:, 1], partials[:, 2])
+    if int(count[0]) == 1:
+        raise _one_value_error(name, f"input of shape {_shape(x)} on this rank, 1 value per "
+                                     f"channel over all {len(gathered)} ranks")
+    return count, mean, m2
+
+
+class _SyncNormalizeFunction(torch.autograd.Function):
+    """y = act(weight * (x - mean) * invstd + bias (+ z)) with the global batch statistics
+    (mean, invstd, count) of `_sync_batch_stats`, differentiating through them.
 
     Backward: local sum(g) and sum(g * x_hat) (`backward` kernel with input_grad=False), one
-    all-reduce of the (2, C) sums, then dx from the `backward` kernel with the global sums and
+    all-reduce of the (2, C) sums, then dx from the `backward` kernel with the global sums and the
     global count M. dweight/dbias are this rank's contributions: DDP averages parameter gradients
-    across ranks exactly as it does for every other layer, so the result is the gradient of the
-    mean of the per-rank losses.
+    across ranks as for every other layer, so the result is the gradient of the mean of the
+    per-rank losses. An empty local batch contributes zero sums and gets empty gradients.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, z, eps, act, act_param, process_group, name):
-        impl = kernels.implementation(x)
-        channels = x.shape[1]
-        acc = native.accumulation_dtype(x.dtype)
+    def forward(ctx, x, mean, invstd, count, weight, bias, z, act, act_param, process_group, name):
         if x.numel() > 0:
-            local = torch.stack(impl.stats(x))
-        else:
-            local = x.new_zeros((3, channels), dtype=acc)
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
-        _collective("all-gather of the batch statistics",
-                    lambda: dist.all_gather(gathered, local, group=process_group), process_group,
-                    name)
-        partials = torch.stack(gathered)
-        count, mean, m2 = native.merge_stats(partials[:, 0], partials[:, 1], partials[:, 2])
-        total = int(count[0])
-        if total == 1:
-            # Every rank sees the same total, so every rank raises: none is left waiting.
-            raise _one_value_error(name, f"input of shape {_shape(x)} on this rank, 1 value per "
-                                         f"channel over all {len(gathered)} ranks")
-        invstd = torch.rsqrt(m2 / count.clamp_min(1) + eps)
-        if x.numel() > 0:
-            y = impl.forward(x, mean, invstd, weight, bias, z, act, act_param)
+            y = kernels.implementation(x).forward(x, mean, invstd, weight, bias, z, act, act_param)
         else:
             y = torch.empty_like(x)
-        ctx.save_for_backward(x, mean, invstd, weight, bias, z, count,
+        ctx.save_for_backward(x, mean, invstd, count, weight, bias, z,
                               y if act in kernels.OUTPUT_SAVING_ACTIVATIONS else None)
         ctx.act, ctx.act_param, ctx.process_group, ctx.name = act, act_param, process_group, name
-        ctx.mark_non_differentiable(count, mean, m2)
-        return y, count, mean, m2
+        return y
 
     @staticmethod
-    def backward(ctx, dy, *_stat_grads):
-        x, mean, invstd, weight, bias, z, count, y = ctx.saved_tensors
+    def backward(ctx, dy):
+        x, mean, invstd, count, weight, bias, z, y = ctx.saved_tensors
         needs = ctx.needs_input_grad
         impl = kernels.implementation(x)
         if x.numel() > 0:
@@ -329,6 +338,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                     sums[0], sums[1], True)
             else:
                 dx = torch.empty_like(x)
-        grads = kernels._grads_for_inputs(needs, (1, 2, 3), weight, bias, dx, sum_dy_xhat, sum_dy,
+        grads = kernels._grads_for_inputs(needs, (4, 5, 6), weight, bias, dx, sum_dy_xhat, sum_dy,
                                           dz)
-        return grads + (None,) * 5
+        return grads + (None,) * 4
