@@ -27,6 +27,7 @@ import torch.nn.functional as TF
 
 import batchnorm
 from batchnorm import functional as F
+from batchnorm import reference
 
 REPO = Path(__file__).resolve().parents[2]
 PG_TIMEOUT_S = 30  # process-group timeout of the correctness worlds: a stuck collective fails
@@ -150,6 +151,17 @@ class _SyncFunctional(torch.nn.Module):
                             process_group=self.process_group)
 
 
+class _Wrapped(torch.nn.Module):
+    """A synced layer under test, called like `_SyncFunctional` (it takes no residual)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.bn = layer
+
+    def forward(self, x, z):
+        return self.bn(x)
+
+
 class _CollectiveCounter:
     """Counts the collectives the library issues, to show when it communicates."""
 
@@ -170,16 +182,18 @@ class _CollectiveCounter:
         return calls
 
 
-def _run_case(case, rank, process_group=None, counter=None):
-    """One rank's part of a case: STEPS training steps, then an eval forward."""
+def _run_case(case, rank, process_group=None, counter=None, layer=None):
+    """One rank's part of a case: STEPS training steps, then an eval forward. `layer` (a module
+    taking x, with the batch-norm state as its own) replaces the functional path."""
     steps, weight, bias = _case_data(case)
     start = sum(case["sizes"][:rank])
     n = case["sizes"][rank]
-    layer = _SyncFunctional(case, process_group)
+    layer = _SyncFunctional(case, process_group) if layer is None else _Wrapped(layer)
+    bn = layer.bn
     if case["affine"]:
         with torch.no_grad():
-            layer.bn.weight.copy_(weight)
-            layer.bn.bias.copy_(bias)
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
     out = {"steps": []}
     for step in steps:
         x = step["x"][start:start + n].to(memory_format=_memory_format(case)).requires_grad_()
@@ -188,8 +202,8 @@ def _run_case(case, rank, process_group=None, counter=None):
         (y * step["dy"][start:start + n]).sum().backward()
         grads = {"x": x.grad, "z": z.grad if z is not None else None}
         if case["affine"]:
-            grads.update(weight=layer.bn.weight.grad.clone(), bias=layer.bn.bias.grad.clone())
-            layer.bn.weight.grad = layer.bn.bias.grad = None
+            grads.update(weight=bn.weight.grad.clone(), bias=bn.bias.grad.clone())
+            bn.weight.grad = bn.bias.grad = None
         layout = _memory_format(case)
         out["steps"].append(dict(y=y.detach(), grads=grads,
                                  y_format=y.is_contiguous(memory_format=layout),
@@ -252,9 +266,43 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor, scale: float | None = None) 
     return ((got.double() - want.double()).abs().max() / max(scale, 1.0)).item()
 
 
-def _check_case(case, ranks: list[dict], errors: list[str]) -> float:
-    """Compare the ranks' results with the oracle; append failures; return the max error."""
-    want = _oracle(case)
+RMAX, DMAX = 3.0, 5.0
+
+
+def _renorm_oracle(case) -> dict:
+    """reference.batch_renorm_train in float64 on the concatenated batch, with the running
+    statistics carried between steps by reference.update_running_stats (rmax 3, dmax 5)."""
+    steps, weight, bias = _case_data(case)
+    c, eps = case["channels"], 1e-5
+    running_mean, running_var, tracked = torch.zeros(c, dtype=torch.float64), torch.ones(
+        c, dtype=torch.float64), 0
+    out = {"steps": []}
+    for step in steps:
+        x = step["x"].double().requires_grad_()
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        y, mean, var = reference.batch_renorm_train(x, w, b, running_mean, running_var, eps,
+                                                    RMAX, DMAX)
+        dy = step["dy"].double()
+        y.backward(dy)
+        dims = [0] + list(range(2, x.ndim))
+        renormed = (y.detach() - b.detach().view(1, -1, 1, 1)) / w.detach().view(1, -1, 1, 1)
+        scales = dict(weight=(dy.abs() * renormed.abs()).sum(dims).max().item(),
+                      bias=dy.abs().sum(dims).max().item())
+        out["steps"].append(dict(y=y.detach(), grads=dict(x=x.grad, weight=w.grad, bias=b.grad),
+                                 scales=scales))
+        running_mean, running_var, tracked = reference.update_running_stats(
+            running_mean, running_var, tracked, mean.detach(), var.detach(), x.numel() // c,
+            case["momentum"])
+    out["eval_y"] = reference.normalize(steps[0]["x"], running_mean, running_var, weight, bias, eps)
+    out["buffers"] = dict(running_mean=running_mean, running_var=running_var,
+                          num_batches_tracked=torch.tensor(tracked))
+    return out
+
+
+def _check_case(case, ranks: list[dict], errors: list[str], want: dict | None = None) -> float:
+    """Compare the ranks' results with the oracle (by default torch.nn batch norm); append
+    failures; return the max error."""
+    want = want if want is not None else _oracle(case)
     tol, worst = TOL[case["dtype"]], 0.0
     label = (f"{case['dim']} {str(case['dtype'])[6:]} sizes={case['sizes']} act={case['act']} "
              f"cl={case['channels_last']} affine={case['affine']} track={case['track']} "
@@ -476,6 +524,8 @@ CASES_3 = [
 ]
 SUBGROUP = [0, 2]
 SUBGROUP_CASE = _case([4, 7], "2d", torch.float64, seed=28)
+ACT_CASE = _case([4, 0, 7], "2d", torch.float64, act="silu", seed=29)
+RENORM_CASE = _case([4, 0, 7], "2d", torch.float64, seed=30)
 
 
 def _world_3(rank, world):
@@ -507,6 +557,17 @@ def _world_3(rank, world):
         except ValueError as error:
             result["non_member_error"] = str(error)
 
+    # the family: BatchNormAct keeps its activation through conversion; BatchRenorm's r and d
+    # come from the global statistics
+    act = batchnorm.convert_sync_batchnorm(batchnorm.BatchNormAct2d(3, act="silu",
+                                                                    dtype=torch.float64))
+    result["act_layer"] = dict(type=type(act).__name__, activation=act.activation, sync=act.sync)
+    result["act"] = _run_case(ACT_CASE, rank, layer=act)
+    renorm = batchnorm.BatchRenorm2d(3, momentum=RENORM_CASE["momentum"], rmax=RMAX, dmax=DMAX,
+                                     rmax_ramp=None, dmax_ramp=None, sync=True,
+                                     dtype=torch.float64)
+    result["renorm"] = _run_case(RENORM_CASE, rank, layer=renorm)
+
     result["ddp"] = _ddp_train(rank, world, [4, 0, 7], torch.float32)
     return result
 
@@ -535,6 +596,12 @@ def test_three_ranks_with_empty_and_single_sample_ranks(tmp_path):
             assert torch.equal(buffers["running_var"], torch.ones(2))
             assert buffers["num_batches_tracked"].item() == 0
     assert "not a member of process_group" in ranks[1]["non_member_error"]
+
+    assert all(r["act_layer"] == dict(type="BatchNormAct2d", activation="silu", sync=True)
+               for r in ranks)
+    worst["BatchNormAct2d"] = _check_case(ACT_CASE, [r["act"] for r in ranks], errors)
+    worst["BatchRenorm2d"] = _check_case(RENORM_CASE, [r["renorm"] for r in ranks], errors,
+                                         _renorm_oracle(RENORM_CASE))
 
     worst["ddp"] = _check_ddp("[4, 0, 7] fp32", [4, 0, 7], torch.float32,
                               [r["ddp"] for r in ranks], errors)
@@ -628,7 +695,8 @@ def _mixed_model():
     return torch.nn.Sequential(
         torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4, eps=1e-3, bias=False),
         torch.nn.BatchNorm2d(4, affine=False), batchnorm.BatchNorm2d(4, momentum=0.3),
-        torch.nn.Flatten(2), inner, torch.nn.BatchNorm1d(4, track_running_stats=False)
+        torch.nn.Flatten(2), inner, torch.nn.BatchNorm1d(4, track_running_stats=False),
+        batchnorm.BatchNormAct1d(4, act="leaky_relu", negative_slope=0.2)
     ).to(torch.float64)
 
 
@@ -647,6 +715,9 @@ def test_convert_and_revert_keep_weights_buffers_mode_and_values():
     assert [m.training for m in synced] == [True, True, False, True, True]
     assert converted[1].bias is None and converted[1].eps == 1e-3
     assert converted[5][0].momentum is None
+    act = converted[7]  # ours with behaviour of its own: same class, sync switched on in place
+    assert type(act) is batchnorm.BatchNormAct1d and act is model[7] and act.sync
+    assert (act.activation, act.negative_slope) == ("leaky_relu", 0.2)
     # the same tensor objects: weights, buffers, dtype and device carry over, and an optimizer
     # built before the conversion still updates the model
     for key, value in converted.state_dict(keep_vars=True).items():
@@ -660,6 +731,7 @@ def test_convert_and_revert_keep_weights_buffers_mode_and_values():
         assert value is tensors[key], key
     assert [m.training for m in reverted.modules()] == [m.training for m in model.modules()]
     assert torch.equal(reverted(x), before)  # the original classes again: exactly
+    assert not reverted[7].sync and reverted[7].activation == "leaky_relu"
 
     top = batchnorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(3))
     assert type(top) is batchnorm.SyncBatchNorm
@@ -692,10 +764,12 @@ def test_convert_leaves_foreign_subclasses_alone_with_a_warning():
         def forward(self, input):
             return torch.relu(super().forward(input))
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), ForeignAct(2))
-    with pytest.warns(RuntimeWarning, match=r"left 1 \(.*ForeignAct\) with local statistics"):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), ForeignAct(2),
+                                torch.nn.Sequential(batchnorm.GhostBatchNorm2d(2)))
+    with pytest.warns(RuntimeWarning, match=r"left 1 \(.*ForeignAct\), 2.0 \(GhostBatchNorm2d\) "
+                                            r"with local statistics"):
         converted = batchnorm.convert_sync_batchnorm(model)
-    assert type(converted[1]) is ForeignAct
+    assert type(converted[1]) is ForeignAct and not converted[2][0].sync
 
 
 def test_sync_argument_errors():
@@ -706,6 +780,8 @@ def test_sync_argument_errors():
                                          r"\*spatial\) with at least 2 dimensions \(got 1D"):
         batchnorm.SyncBatchNorm(3)(torch.randn(3))
     assert batchnorm.BatchNorm2d(3, sync=True).sync
+    with pytest.raises(ValueError, match=r"MaskedBatchNorm2d\(3\): has no sync option"):
+        batchnorm.MaskedBatchNorm2d(3, sync=True)
 
 
 # ---- the example (the code in docs/sync.md runs in tests/test_docs.py) ---------------

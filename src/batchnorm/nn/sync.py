@@ -63,6 +63,9 @@ class SyncBatchNorm(BatchNormBase):
 
     _check_input_dim = _check_at_least_2d
 
+    def extra_repr(self) -> str:
+        return torch.nn.modules.batchnorm._NormBase.extra_repr(self)  # sync goes without saying
+
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
         """`batchnorm.convert_sync_batchnorm`, under torch.nn.SyncBatchNorm's name for it."""
@@ -92,15 +95,27 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch
       running statistics, device, dtype and an existing optimizer's references carry over), with
       the same training mode; `revert_sync_batchnorm` restores the original class.
     - Our other layers (a subclass of `BatchNormBase`: BatchNormAct, BatchRenorm, ...) are switched
-      in place (`sync=True`, `process_group`), keeping their class and behaviour.
+      in place (`sync=True`, `process_group`), keeping their class and behaviour. Ghost, masked
+      and domain batch norm, whose statistics are not one batch's, have no sync option: they are
+      left as they are and a warning names them (frozen batch norm has no batch statistics).
     - Other subclasses of torch's `_BatchNorm` have a forward of their own that a SyncBatchNorm
       would silently drop (e.g. timm's fused activation, pytorch#187298): they are left as they are
-      and a warning names them.
+      and the same warning names them.
 
     Like torch's, this edits containers in place and returns the converted module (a new object
     only when `module` itself is replaced). Call it before wrapping the model in DDP.
     """
-    return _convert(module, process_group, "")
+    skipped: list[str] = []
+    converted = _convert(module, process_group, "", skipped)
+    if skipped:
+        warnings.warn(
+            f"convert_sync_batchnorm: left {', '.join(skipped)} with local statistics. Ghost, "
+            f"masked and domain batch norm have no sync option (their statistics are not one "
+            f"batch's); another library's subclass of torch's _BatchNorm has a forward of its own, "
+            f"which replacing it with SyncBatchNorm would drop; for those use batchnorm's layer "
+            f"with the same behaviour (e.g. BatchNormAct2d), which converts keeping it",
+            RuntimeWarning, stacklevel=2)
+    return converted
 
 
 def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
@@ -121,24 +136,20 @@ def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     return reverted
 
 
-def _convert(module: torch.nn.Module, process_group, path: str) -> torch.nn.Module:
+def _convert(module: torch.nn.Module, process_group, path: str, skipped: list[str]
+             ) -> torch.nn.Module:
     converted = module
     if type(module) in _PLAIN or type(module) is torch.nn.SyncBatchNorm:
         converted = _rebuild(module, SyncBatchNorm, process_group=process_group)
         if type(module) is not torch.nn.SyncBatchNorm:
             converted._reverts_to = type(module)
-    elif isinstance(module, BatchNormBase):
+    elif isinstance(module, BatchNormBase) and module.syncable:
         module.sync, module.process_group = True, process_group
     elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        warnings.warn(
-            f"convert_sync_batchnorm: left {path or 'the model'} ({type(module).__qualname__}) "
-            f"with local statistics: it subclasses torch's _BatchNorm with a forward of its own, "
-            f"which replacing it with SyncBatchNorm would drop; use batchnorm's layer with the "
-            f"same behaviour (e.g. BatchNormAct2d), which converts keeping it", RuntimeWarning,
-            stacklevel=3)
+        skipped.append(f"{path or 'the model'} ({type(module).__qualname__})")
     for name, child in converted.named_children():
         child_path = f"{path}.{name}" if path else name
-        converted.add_module(name, _convert(child, process_group, child_path))
+        converted.add_module(name, _convert(child, process_group, child_path, skipped))
     return converted
 
 
