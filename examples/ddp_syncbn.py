@@ -12,6 +12,7 @@ any torch.distributed backend.
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,10 @@ def main() -> None:
     if rank == 0:
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         print(f"loss {first:.4f} -> {last:.4f}; running statistics identical on {world} ranks")
+    # Free DDP before the process group: torch 2.13's DDP destroys the gloo group it holds from
+    # a destructor that keeps the GIL while joining gloo threads that need it, which can hang.
+    del ddp
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -786,18 +786,36 @@ def test_sync_argument_errors():
 
 # ---- the example (the code in docs/sync.md runs in tests/test_docs.py) ---------------
 
+def _kill_tree(pid: int) -> None:
+    """Kill `pid` and its descendants: torchrun starts each worker in a session of its own, so
+    killing torchrun's process group would leave the workers running."""
+    def descendants(p):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+            children = [int(c) for t in tasks
+                        for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+        except OSError:
+            return []
+        return children + [d for c in children for d in descendants(c)]
+    for p in [pid] + descendants(pid):
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass
+
+
 def test_ddp_example_runs_under_torchrun():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "examples" / "ddp_syncbn.py"), "--steps", "20"]
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
+                            env=env)
     try:
         output, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, 9)  # torchrun and its workers share the new session
-            proc.wait()
+            _kill_tree(proc.pid)
+            proc.communicate()
     assert proc.returncode == 0, output
     match = re.search(r"loss (\d+\.\d+) -> (\d+\.\d+); running statistics identical on 2 ranks",
                       output)
