@@ -174,7 +174,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     if num_batches_tracked is not None:
         num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
     if momentum is None:
-        factor = (1.0 / num_batches_tracked.clamp_min(1)).to(running_mean.dtype)
+        factor = num_batches_tracked.clamp_min(1).to(running_mean.dtype).reciprocal()
     else:
         factor = momentum
     unbiased_var = (m2 / (count - 1)).to(running_var.dtype)

@@ -17,6 +17,7 @@ Args (all layers):
     momentum: running-statistics EMA factor in [0, 1], or None for a cumulative average.
         Default 0.1.
     affine: learnable per-channel gamma (init 1) and beta (init 0). Default True.
+    bias: with affine, whether beta is learned (keyword-only, torch >= 2.13). Default True.
     track_running_stats: keep running_mean/running_var/num_batches_tracked buffers and use them in
         eval; when False, batch statistics are used in both modes. Default True.
     device, dtype: of the parameters and buffers.
@@ -42,14 +43,17 @@ class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None) -> None:
+                 dtype=None, *, bias: bool = True) -> None:
         name = f"{type(self).__name__}({num_features!r})"
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got "
                              f"{num_features!r}")
         F.check_eps(eps, name)
         F.check_momentum(momentum, name)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        # torch < 2.13 has no `bias` argument: pass it only when it changes something.
+        extra = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **extra)
 
     @property
     def layer_name(self) -> str:
