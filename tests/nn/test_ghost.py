@@ -102,3 +102,9 @@ def test_errors():
     with pytest.raises(ValueError, match=r"more than one value per channel.*larger "
                                          r"virtual_batch_size"):
         batchnorm.GhostBatchNorm1d(4, virtual_batch_size=1)(torch.randn(4, 4))
+
+
+def test_empty_batch_changes_nothing():
+    layer = batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2)
+    assert layer(torch.randn(0, 3, 2, 2)).shape == (0, 3, 2, 2)
+    assert int(layer.num_batches_tracked) == 0
