@@ -182,9 +182,10 @@ def _stats_partial_kernel(
     n_a = tl.sum(tl.zeros((BLOCK_R, BLOCK_K), tl.float32), axis=REDUCE_AXIS)  # 0 per channel
     mean_a = n_a
     m2_a = n_a
-    _, _, chans, cmask = _tile(0, group, N, C, S, BLOCK_R, BLOCK_K, CHANNELS_LAST)
+    # the channels this program stores; offs and mask are reassigned per tile in the loop
+    offs, mask, chans, cmask = _tile(0, group, N, C, S, BLOCK_R, BLOCK_K, CHANNELS_LAST)
     for t in range(p * tiles_per_program, tl.minimum((p + 1) * tiles_per_program, tiles)):
-        offs, mask, _, _ = _tile(t, group, N, C, S, BLOCK_R, BLOCK_K, CHANNELS_LAST)
+        offs, mask, chans, cmask = _tile(t, group, N, C, S, BLOCK_R, BLOCK_K, CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         n_b = tl.sum(mask.to(tl.float32), axis=REDUCE_AXIS)
         mean_b = tl.sum(x, axis=REDUCE_AXIS) / tl.maximum(n_b, 1.0)
@@ -291,14 +292,15 @@ def _backward_partial_kernel(
     # g = dy * act'(pre), x_hat = (x - mean) * invstd; partial sums of g and g*x_hat per channel.
     p = tl.program_id(0)
     group = tl.program_id(1)
-    _, _, chans, cmask = _tile(0, group, N, C, S, BLOCK_R, BLOCK_K, CHANNELS_LAST)
+    # the channels this program stores; offs and mask are reassigned per tile in the loop
+    offs, mask, chans, cmask = _tile(0, group, N, C, S, BLOCK_R, BLOCK_K, CHANNELS_LAST)
     mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0).to(tl.float32)
     invstd = tl.load(invstd_ptr + chans, mask=cmask, other=0.0).to(tl.float32)
     a, b = _scale_shift(mean, invstd, w_ptr, b_ptr, chans, cmask, HAS_W, HAS_B)
     sum_g = tl.sum(tl.zeros((BLOCK_R, BLOCK_K), tl.float32), axis=REDUCE_AXIS)  # 0 per channel
     sum_gxhat = sum_g
     for t in range(p * tiles_per_program, tl.minimum((p + 1) * tiles_per_program, tiles)):
-        offs, mask, _, _ = _tile(t, group, N, C, S, BLOCK_R, BLOCK_K, CHANNELS_LAST)
+        offs, mask, chans, cmask = _tile(t, group, N, C, S, BLOCK_R, BLOCK_K, CHANNELS_LAST)
         g, x_hat = _grad_tile(dy_ptr, x_ptr, y_ptr, z_ptr, offs, mask, mean, invstd, a, b,
                               act_param, CHANNELS_LAST, HAS_Z, ACT)
         sum_g += tl.sum(g, axis=REDUCE_AXIS)
@@ -628,15 +630,15 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
     constants = dict(**plan.layout(), HAS_W=weight is not None, HAS_B=bias is not None,
                      HAS_Z=z_read is not None, ACT=_ACT_CODES[act])
     elementwise = input_grad or write_dz
-    sums_given = sum_dy is not None and sum_dy_xhat is not None
-    if plan.fused is not None and not sums_given and count is None:
+    local_only = sum_dy is None and sum_dy_xhat is None and count is None
+    if plan.fused is not None and local_only:
         sums = torch.empty((2, plan.c), device=x.device, dtype=torch.float32)
         t = plan.fused
         _launch_backward((1, t.groups), t, dy, x, mean, invstd, sums[0], sums[1], mean, dx, dz,
                          plan, act_param, training, False, True, input_grad, write_dz, pointers,
                          constants)
         return dx, _acc(sums[1], invstd), _acc(sums[0], invstd), dz
-    if not sums_given:
+    if sum_dy is None or sum_dy_xhat is None:
         programs, groups, per = plan.reduction_grid(x.device)
         t = plan.split
         partials = torch.empty((2, programs, plan.c), device=x.device, dtype=torch.float32)
