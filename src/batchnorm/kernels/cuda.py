@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from batchnorm.kernels import native
 
 # Elements per tile in the split path: 16 KiB of fp32 per load, 16 values per thread at 8 warps.
 TILE = 4096
