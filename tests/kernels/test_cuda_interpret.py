@@ -19,11 +19,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +31,6 @@ from batchnorm import kernels, reference
 pytest.importorskip("triton", reason="triton is not installed (it is in the dev extra: "
                     "pip install -e '.[dev]'); the CUDA kernels are tested through its interpreter")
 
-REPO = Path(__file__).resolve().parents[2]
 EPS = 1e-5
 FP32_TOL = 1e-5
 # Module constants of the worker's cuda.py: a 64-element tile and 4 reduction programs make the
@@ -169,7 +166,9 @@ def oracle(x, weight, bias, z, dy, act, slope, mean=None, invstd=None):
 
 
 def assert_scaled(actual, expected, tol, what):
-    """max |actual - expected| <= tol x max |expected| (the output scale)."""
+    """max |actual - expected| <= tol x max |expected| (the output scale). Unlike conftest's
+    assert_close_scaled the scale has no floor at 1: the tiny outputs here are held to 1e-5 of
+    their own size."""
     actual, expected = actual.detach().double(), expected.detach().double()
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     scale = expected.abs().max().item()
@@ -357,7 +356,7 @@ def test_low_precision(cuda, path, dtype, layout):
     assert low[0][0].stride() == x.stride()
 
 
-# ---- dispatch, the fallback table, compilation, docs ---------------------------------------------
+# ---- dispatch, the fallback table, compilation ---------------------------------------------------
 
 
 def test_cpu_runs_never_import_triton():
@@ -440,10 +439,3 @@ def test_kernels_compile_for_sm90(monkeypatch):
         assert compiled.asm["cubin"], kernel.__name__
     assert len(launches) == 7
 
-
-def test_docs_examples_run():
-    text = (REPO / "docs" / "cuda.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks
-    for block in blocks:
-        exec(compile(block, "docs/cuda.md", "exec"), {})
