@@ -367,7 +367,7 @@ def test_cpu_runs_never_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_fallback_table(tmp_path):
+def test_fallback_table(tmp_path, monkeypatch):
     from batchnorm.kernels import cuda  # compiled-mode module: loads, launches nothing
 
     def case(cls, speedup):
@@ -383,6 +383,11 @@ def test_fallback_table(tmp_path):
     assert cuda.path_key(x.to(memory_format=torch.channels_last).bfloat16()) == (
         "nhwc", "bfloat16", "fused")
     assert cuda.path_key(torch.randn(64, 8, 32, 32)) == ("nchw", "float32", "split")
+    monkeypatch.setattr(cuda, "FALLBACK", frozenset())
+    assert cuda.supports(x) and cuda.supports(x.half())
+    monkeypatch.setattr(cuda, "FALLBACK", frozenset({cuda.path_key(x)}))
+    assert not cuda.supports(x) and cuda.supports(x.half())
+    assert not cuda.supports(x.double()) and not cuda.supports(x[:0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -551,8 +551,10 @@ FALLBACK = load_fallback()
 
 def supports(x: Tensor) -> bool:
     """Whether the Triton path takes x: fp32/fp16/bf16, non-empty, at most 65535 channels (a grid
-    axis limit), and not in a class the benchmark table sends back to native (`FALLBACK`)."""
+    axis limit) with fewer than 2^31 values each (int32 row indices), and not in a class the
+    benchmark table sends back to native (`FALLBACK`)."""
     return (x.dtype in DTYPES and x.numel() > 0 and x.shape[1] <= 65535
+            and x.numel() // x.shape[1] < 2**31
             and (not FALLBACK or path_key(x) not in FALLBACK))
 
 
@@ -570,6 +572,7 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         count, mean, m2, _ = _split_stats(x, plan, None)
         return count, mean, m2
     out = torch.empty((3, plan.c), device=x.device, dtype=torch.float32)
+    # no y: the kernel stores count, mean and m2 only (mean also fills the unread invstd slot)
     _normalize(x, plan, plan.fused, out[1], out[1], out[0], out[2], None, None, None, 0.0,
                "identity", 0.0, stats_in_program=True, write_y=False)
     return out[0], out[1], out[2]
@@ -579,6 +582,7 @@ def forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias
             z: Tensor | None, act: str, act_param: float) -> Tensor:
     """y = act(a*x + b (+ z)) with given statistics (eval, or after `stats`), in x's dtype."""
     x, plan = _prepare(x)
+    # statistics are read, not computed: mean fills the unread count and m2 slots
     return _normalize(x, plan, plan.split, mean, invstd, mean, mean, weight, bias, z, 0.0, act,
                       act_param, stats_in_program=False, write_y=True)
 
@@ -626,8 +630,7 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
     pointers = dict(y_ptr=y if y is not None else x, z_ptr=z_read if z_read is not None else x,
                     w_ptr=weight if weight is not None else mean,
                     b_ptr=bias if bias is not None else mean)
-    constants = dict(**plan.layout(), HAS_W=weight is not None, HAS_B=bias is not None,
-                     HAS_Z=z_read is not None, ACT=_ACT_CODES[act])
+    constants = dict(**plan.layout(), **_flags(weight, bias, z_read, act))
     elementwise = input_grad or write_dz
     local_only = sum_dy is None and sum_dy_xhat is None and count is None
     if plan.fused is not None and local_only:
