@@ -26,7 +26,7 @@ import sys
 import pytest
 import torch
 
-from batchnorm import kernels, reference
+from batchnorm import functional, kernels, reference
 
 pytest.importorskip("triton", reason="triton is not installed (it is in the dev extra: "
                     "pip install -e '.[dev]'); the CUDA kernels are tested through its interpreter")
@@ -52,16 +52,31 @@ SHAPES = {
 _WORKER = r"""
 import io, os, struct, sys
 import torch
+from batchnorm import functional, kernels
 from batchnorm.kernels import cuda
 replies = os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)
 requests = sys.stdin.buffer
+
+
+def functional_step(x, weight, bias, z, dy, activation):
+    # batchnorm.functional -> BatchNormFunction -> the dispatch, pointed at the Triton kernels
+    kernels.implementation = lambda tensor: cuda
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, z)]
+    running_mean, running_var = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    y = functional.batch_norm(leaves[0], running_mean, running_var, leaves[1], leaves[2], True,
+                              0.1, 1e-5, residual=leaves[3], activation=activation)
+    y.backward(dy)
+    return (y.detach(), running_mean, running_var) + tuple(t.grad for t in leaves)
+
+
 while len(head := requests.read(8)) == 8:
     name, args, constants = torch.load(io.BytesIO(requests.read(struct.unpack("<Q", head)[0])))
     for key, value in constants.items():
         setattr(cuda, key, value)
     try:
-        reply = ("ok", getattr(cuda, name)(*args))
+        call = functional_step if name == "functional_step" else getattr(cuda, name)
+        reply = ("ok", call(*args))
     except Exception as error:
         reply = ("error", f"{type(error).__name__}: {error}")
     buffer = io.BytesIO()
@@ -318,6 +333,24 @@ def test_mixed_layouts(cuda, path):
     assert_scaled(dz, grads["z"], FP32_TOL, "dz")
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_through_functional(cuda, path, layout):
+    """batch_norm() with the dispatch pointed at the Triton kernels: outputs, gradients and the
+    running statistics (fed by the kernels' count and m2) match the native path."""
+    x, weight, bias, z, dy = sample(layout)
+    got = cuda.functional_step(x, weight, bias, z, dy, "silu")
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, z)]
+    running_mean, running_var = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    y = functional.batch_norm(leaves[0], running_mean, running_var, leaves[1], leaves[2], True,
+                              0.1, EPS, residual=leaves[3], activation="silu")
+    y.backward(dy)
+    want = (y.detach(), running_mean, running_var) + tuple(t.grad for t in leaves)
+    names = ["y", "running_mean", "running_var", "dx", "dweight", "dbias", "dz"]
+    for name, a, b in zip(names, got, want):
+        assert_scaled(a, b, FP32_TOL, name)
+    assert got[0].stride() == x.stride()
 
 
 def test_split_shapes_split(monkeypatch):
