@@ -333,6 +333,7 @@ def test_mixed_layouts(cuda, path):
     assert_scaled(dz, grads["z"], FP32_TOL, "dz")
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert dz.is_contiguous(), "dz follows z's memory format"
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

@@ -514,6 +514,14 @@ def _acc(v: Tensor, like: Tensor) -> Tensor:
     return v.to(like.dtype)
 
 
+def _like(dz: Tensor, z: Tensor | None) -> Tensor:
+    """dz in z's memory format (what the op's fake implementation promises); the kernels write it
+    in x's, so a z in another layout costs a copy."""
+    if z is None or dz.stride() == z.stride():
+        return dz
+    return torch.empty_like(z).copy_(dz)
+
+
 def _prepare(x: Tensor) -> tuple[Tensor, _Plan]:
     channels_last, copy = _layout(x)
     if copy:
@@ -639,7 +647,7 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
         _launch_backward((1, t.groups), t, dy, x, mean, invstd, sums[0], sums[1], mean, dx, dz,
                          plan, act_param, training, False, True, input_grad, write_dz, pointers,
                          constants)
-        return dx, _acc(sums[1], invstd), _acc(sums[0], invstd), dz
+        return dx, _acc(sums[1], invstd), _acc(sums[0], invstd), _like(dz, z)
     if sum_dy is None or sum_dy_xhat is None:
         programs, groups, per = plan.reduction_grid(x.device)
         t = plan.split
@@ -656,4 +664,4 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
         _launch_backward((t.tiles, t.groups), t, dy, x, mean, invstd, sum_dy, sum_dy_xhat,
                          count if count is not None else mean, dx, dz, plan, act_param, training,
                          count is not None, False, input_grad, write_dz, pointers, constants)
-    return dx, sum_dy_xhat, sum_dy, dz
+    return dx, sum_dy_xhat, sum_dy, _like(dz, z)
