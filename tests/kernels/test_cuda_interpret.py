@@ -417,6 +417,7 @@ def test_fallback_table(tmp_path, monkeypatch):
     assert cuda.path_key(x.to(memory_format=torch.channels_last).bfloat16()) == (
         "nhwc", "bfloat16", "fused")
     assert cuda.path_key(torch.randn(64, 8, 32, 32)) == ("nchw", "float32", "split")
+    assert set(cuda._ACT_CODES) == set(kernels.ACTIVATIONS)
     monkeypatch.setattr(cuda, "FALLBACK", frozenset())
     assert cuda.supports(x) and cuda.supports(x.half())
     monkeypatch.setattr(cuda, "FALLBACK", frozenset({cuda.path_key(x)}))

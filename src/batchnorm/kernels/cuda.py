@@ -47,10 +47,12 @@ INTERPRETER_PROGRAMS = 3
 # loads stay coalesced, and at most NHWC_BLOCK_C so there are enough programs.
 NHWC_MIN_C = 16
 NHWC_BLOCK_C = 64
+# The merge of the statistics partials reads MERGE_BLOCK_P programs x MERGE_BLOCK_C channels a step.
 MERGE_BLOCK_P = 32
 MERGE_BLOCK_C = 64
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# kernels.ACTIVATIONS -> the ACT constexpr the kernels branch on
 _ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu_tanh": 4}
 
 # ---- device helpers (inlined into the kernels) -----------------------------------------------
@@ -174,7 +176,7 @@ def _stats_partial_kernel(
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     REDUCE_AXIS: tl.constexpr,
 ):
-    # Program (p, group) walks tiles [p*T, (p+1)*T): per tile the two-pass (count, mean, m2) of
+    # Program (p, group) walks tiles [p*T, (p+1)*T), T = tiles_per_program: per tile the two-pass (count, mean, m2) of
     # its values in registers, folded into the running partial with Chan's merge.
     p = tl.program_id(0)
     group = tl.program_id(1)
