@@ -256,7 +256,8 @@ def test_without_affine(cuda, path):
     check_training(cuda, "nhwc", act="silu", affine=False)
 
 
-@pytest.mark.parametrize("layout,act", [("nchw", "identity"), ("nhwc", "relu"), ("2d", "gelu_tanh")])
+@pytest.mark.parametrize("layout,act",
+                         [("nchw", "identity"), ("nhwc", "relu"), ("2d", "gelu_tanh")])
 def test_eval_forward_backward(cuda, layout, act):
     x, weight, bias, z, dy = sample(layout)
     c = x.shape[1]
@@ -290,7 +291,8 @@ def test_passed_in_reductions(cuda, path, layout):
     pre = (a * x.double() + bias.double().view(view) - md * a + z.double()).requires_grad_()
     g, = torch.autograd.grad(reference.activate(pre, act, slope), pre, dy.double())
     n = total.double().view(view)
-    expected = a / n * (n * g - sum_dy.double().view(view) - x_hat * sum_dy_xhat.double().view(view))
+    given_dy, given_dy_xhat = sum_dy.double().view(view), sum_dy_xhat.double().view(view)
+    expected = a / n * (n * g - given_dy - x_hat * given_dy_xhat)
     assert_scaled(dx, expected, FP32_TOL, "dx")
     assert_scaled(dz, g, FP32_TOL, "dz")
 

@@ -1,4 +1,4 @@
-"""Triton kernels for CUDA tensors: fp32/fp16/bf16, NCHW and channels-last, fused activation and residual.
+"""Triton kernels for CUDA tensors: fp32/fp16/bf16, NCHW and channels-last, fused epilogues.
 
 The same functions, signatures and semantics as `native` (stats, forward, train_forward, backward);
 `kernels.implementation` sends CUDA tensors here when triton imports and `supports(x)` holds.
@@ -71,7 +71,8 @@ def _tile(tile, group, N, C, S, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         mask = (rows < N * S)[:, None] & (chans < C)[None, :]
         return offs, mask, chans, chans < C
     else:
-        # x[n, c, s] at (n*C + c)*S + s; `tile` walks a (samples, positions) grid of channel `group`.
+        # x[n, c, s] at (n*C + c)*S + s; `tile` walks a (samples, positions) grid of channel
+        # `group`.
         tiles_k = tl.cdiv(S, BLOCK_K)
         rows = (tile // tiles_k) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -83,7 +84,8 @@ def _tile(tile, group, N, C, S, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 @triton.jit
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan et al. 1979: merge two (count, mean, m2) partials.
-    n = n_a + n_b, mean = mean_a + d n_b/n, m2 = m2_a + m2_b + d^2 n_a n_b/n, d = mean_b - mean_a."""
+    d = mean_b - mean_a, n = n_a + n_b, mean = mean_a + d n_b/n, m2 = m2_a + m2_b + d^2 n_a n_b/n.
+    """
     n = n_a + n_b
     w_b = n_b / tl.maximum(n, 1.0)
     delta = mean_b - mean_a
@@ -105,7 +107,7 @@ def _scale_shift(mean, invstd, w_ptr, b_ptr, chans, cmask, HAS_W: tl.constexpr,
 
 @triton.jit
 def _tanh(u):
-    # tanh(u) = 2 sigmoid(2u) - 1: core Triton has sigmoid on every backend, the interpreter included.
+    # tanh(u) = 2 sigmoid(2u) - 1: core Triton has sigmoid on every backend and the interpreter.
     return 2.0 * tl.sigmoid(2.0 * u) - 1.0
 
 
@@ -176,8 +178,9 @@ def _stats_partial_kernel(
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     REDUCE_AXIS: tl.constexpr,
 ):
-    # Program (p, group) walks tiles [p*T, (p+1)*T), T = tiles_per_program: per tile the two-pass (count, mean, m2) of
-    # its values in registers, folded into the running partial with Chan's merge.
+    # Program (p, group) walks tiles [p*T, (p+1)*T), T = tiles_per_program: per tile the
+    # two-pass (count, mean, m2) of its values in registers, folded into the running partial
+    # with Chan's merge.
     p = tl.program_id(0)
     group = tl.program_id(1)
     n_a = tl.sum(tl.zeros((BLOCK_R, BLOCK_K), tl.float32), axis=REDUCE_AXIS)  # 0 per channel
