@@ -157,9 +157,11 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     return y
 
 
-def _one_value_error(name: str, got: str) -> ValueError:
-    return ValueError(f"{name}: training needs more than one value per channel (got {got}); use "
-                      f"eval mode, BatchRenorm, or GroupNorm for batch size 1")
+_ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
+
+
+def _one_value_error(name: str, got: str, fix: str = _ONE_VALUE_FIX) -> ValueError:
+    return ValueError(f"{name}: training needs more than one value per channel (got {got}); {fix}")
 
 
 def _normalize(x, weight, bias, residual, mean, invstd, eps, activation, negative_slope):
@@ -330,7 +332,8 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
     check_eps(eps, name)
     syncing = sync and _sync_world_size(process_group, name) > 1
     if syncing:
-        count, mean, m2 = _sync_batch_stats(input, process_group, name)
+        count, mean, m2 = _sync_batch_stats(input, process_group, name,
+                                            "use eval mode or GroupNorm for batch size 1")
         if count[0] == 0:  # every rank's batch is empty: all ranks return here alike
             return input.clone()
     else:
@@ -566,7 +569,8 @@ def _collective(what: str, call, process_group, name: str) -> None:
 
 @torch.compiler.disable(reason="collectives: runs eagerly")
 @torch.no_grad()
-def _sync_batch_stats(x: Tensor, process_group, name: str) -> tuple[Tensor, Tensor, Tensor]:
+def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = _ONE_VALUE_FIX
+                      ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel (count, mean, m2) of the global batch: the concatenation of every rank's `x`.
 
     Local (count, mean, m2) from the `stats` kernel (zeros for an empty local batch), one
@@ -575,7 +579,8 @@ def _sync_batch_stats(x: Tensor, process_group, name: str) -> tuple[Tensor, Tens
     exact where summing (n, n*mean, m2 + n*mean^2) cancels catastrophically when |mean| >> std.
     Every rank merges the same partials in the same order: the results are bitwise identical.
 
-    Raises ValueError, on every rank alike, when the global batch has one value per channel.
+    Raises ValueError, on every rank alike, when the global batch has one value per channel
+    (`fix` replaces the error's advice).
     """
     acc = accumulation_dtype(x.dtype)
     if x.numel() > 0:
@@ -589,7 +594,7 @@ def _sync_batch_stats(x: Tensor, process_group, name: str) -> tuple[Tensor, Tens
     count, mean, m2 = merge_stats(partials[:, 0], partials[:, 1], partials[:, 2])
     if int(count[0]) == 1:
         raise _one_value_error(name, f"input of shape {_shape(x)} on this rank, 1 value per "
-                                     f"channel over all {len(gathered)} ranks")
+                                     f"channel over all {len(gathered)} ranks", fix)
     return count, mean, m2
 
 

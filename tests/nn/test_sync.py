@@ -539,6 +539,11 @@ def _world_3(rank, world):
     except ValueError as error:
         result["m1_error"] = str(error)
     result["m1_buffers"] = {k: v.clone() for k, v in layer.named_buffers()}
+    try:
+        batchnorm.BatchRenorm1d(2, sync=True)(torch.randn(1 if rank == 2 else 0, 2))
+        result["m1_renorm_error"] = None
+    except ValueError as error:
+        result["m1_renorm_error"] = str(error)
 
     # a globally empty batch: empty output, statistics untouched, no error
     empty = layer(torch.randn(0, 2, requires_grad=True))
@@ -590,6 +595,10 @@ def test_three_ranks_with_empty_and_single_sample_ranks(tmp_path):
             r"SyncBatchNorm\(2\): training needs more than one value per channel \(got input of "
             r"shape \([01], 2\) on this rank, 1 value per channel over all 3 ranks\); use eval "
             r"mode, BatchRenorm, or GroupNorm", r["m1_error"]), r["m1_error"]
+        assert r["m1_renorm_error"] is not None and re.search(
+            r"BatchRenorm1d\(2\): training needs more than one value per channel \(got input "
+            r"of shape \([01], 2\) on this rank, 1 value per channel over all 3 ranks\); use "
+            r"eval mode or GroupNorm", r["m1_renorm_error"]), r["m1_renorm_error"]
         assert r["empty"]["shape"] == (0, 2)
         for buffers in (r["m1_buffers"], r["empty"]["buffers"]):
             assert torch.equal(buffers["running_mean"], torch.zeros(2))
