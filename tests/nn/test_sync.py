@@ -698,6 +698,17 @@ def test_world_of_one_and_no_process_group_do_not_communicate(tmp_path, monkeypa
         assert _rel_err(layer.get_buffer(name), buffer) < 1e-10, name
 
 
+def test_compiles_fullgraph_when_not_distributed_and_in_eval():
+    # the synced path itself runs eagerly behind a graph break (tested with 2 ranks above);
+    # without a process group, and in eval mode, nothing breaks the graph
+    layer, plain = batchnorm.SyncBatchNorm(3), batchnorm.BatchNorm1d(3)
+    x = torch.randn(6, 3, 5)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(x), plain(x), atol=1e-6)
+    layer.eval(), plain.eval()
+    assert torch.allclose(compiled(x), plain(x), atol=1e-6)
+
+
 def _mixed_model():
     torch.manual_seed(0)
     inner = torch.nn.Sequential(batchnorm.BatchNorm1d(4, momentum=None), torch.nn.ReLU())
