@@ -146,9 +146,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         return _normalize(input, weight, bias, residual, running_mean, invstd, eps, activation,
                           negative_slope)
 
-    values_per_channel = input.numel() // input.shape[1]
-    if values_per_channel == 1:
-        raise _one_value_error(name, f"input of shape {_shape(input)}")
+    _check_one_value(input.numel() // input.shape[1], _shape(input), name, _ONE_VALUE_FIX)
     y, count, mean, m2 = _normalize(input, weight, bias, residual, None, None, eps, activation,
                                     negative_slope)
     if training and running_mean is not None:
@@ -160,7 +158,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 _ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
 
 
-def _one_value_error(name: str, got: str, fix: str = _ONE_VALUE_FIX) -> ValueError:
+def _one_value_error(name: str, got: str, fix: str) -> ValueError:
     return ValueError(f"{name}: training needs more than one value per channel (got {got}); {fix}")
 
 
@@ -241,8 +239,7 @@ def _normalize_with_batch_stats(x: Tensor, mean: Tensor, invstd: Tensor, weight:
 
 def _check_one_value(values_per_channel: int, shape: tuple[int, ...], name: str, fix: str) -> None:
     if values_per_channel == 1:
-        raise ValueError(f"{name}: training needs more than one value per channel (got input of "
-                         f"shape {shape}); {fix}")
+        raise _one_value_error(name, f"input of shape {shape}", fix)
 
 
 def check_renorm_limits(rmax: float, dmax: float, name: str) -> None:
@@ -330,17 +327,16 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
                          "weight": weight, "bias": bias}, name)
     check_momentum(momentum, name)
     check_eps(eps, name)
+    fix = "use eval mode or GroupNorm for batch size 1"
     syncing = sync and _sync_world_size(process_group, name) > 1
     if syncing:
-        count, mean, m2 = _sync_batch_stats(input, process_group, name,
-                                            "use eval mode or GroupNorm for batch size 1")
+        count, mean, m2 = _sync_batch_stats(input, process_group, name, fix)
         if count[0] == 0:  # every rank's batch is empty: all ranks return here alike
             return input.clone()
     else:
         if input.numel() == 0:
             return input.clone()
-        _check_one_value(input.numel() // input.shape[1], _shape(input), name,
-                         "use eval mode or GroupNorm for batch size 1")
+        _check_one_value(input.numel() // input.shape[1], _shape(input), name, fix)
         count, mean, m2 = _batch_stats(input)
     var = m2 / count
     invstd = torch.rsqrt(var + eps)
