@@ -452,7 +452,7 @@ def _world_2(rank, world):
 
     # the global M decides: [1, 1] values per channel work although each rank has only one
     x = torch.tensor([[1.0], [3.0]])[rank:rank + 1]
-    result["m2_total"] = batchnorm.SyncBatchNorm(1)(x).detach()
+    result["one_value_per_rank"] = batchnorm.SyncBatchNorm(1)(x).detach()
 
     # torch.compile: the sync layer runs eagerly behind a graph break, same numbers
     case = CASES_2[0]
@@ -490,7 +490,7 @@ def test_two_ranks_match_single_process_batch_norm(tmp_path):
     assert ranks[0]["eval_only_rank0"] == {"all_gather": 0, "all_reduce": 0}
 
     expected = torch.nn.BatchNorm1d(1)(torch.tensor([[1.0], [3.0]])).detach()
-    assert torch.allclose(torch.cat([r["m2_total"] for r in ranks]), expected, atol=1e-6)
+    assert torch.allclose(torch.cat([r["one_value_per_rank"] for r in ranks]), expected, atol=1e-6)
 
     steps, _, _ = _case_data(CASES_2[0])
     unit = TORCH_BN["2d"](3, dtype=torch.float64)
