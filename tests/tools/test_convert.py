@@ -8,7 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import batchnorm
 from batchnorm.tools import TARGETS, convert
 
-from conftest import count_bn
+from tools_helpers import count_bn
 
 
 def _assert_close(got, expected, tol=1e-5):

@@ -5,7 +5,7 @@ from torch import nn
 import batchnorm
 from batchnorm.tools import export_onnx
 
-from conftest import randomize_bn
+from tools_helpers import randomize_bn
 
 onnx = pytest.importorskip("onnx", reason="extra 'onnx' not installed: pip install 'batchnorm[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime cannot be installed here")

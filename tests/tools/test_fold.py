@@ -5,7 +5,7 @@ from torch import nn
 import batchnorm
 from batchnorm.tools import fold
 
-from conftest import count_bn, randomize_bn
+from tools_helpers import count_bn, randomize_bn
 
 
 def test_fold_transformers_architectures(hf_model):

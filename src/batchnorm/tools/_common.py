@@ -11,27 +11,43 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree
 
-# Batch norms whose eval forward is exactly y = weight * (x - running_mean) / sqrt(running_var +
-# eps) + bias, so fold may replace them by a scale and shift. Variants with other eval behaviour
-# (act-fused, domain) are handled by name, or skipped with a reason.
-_PLAIN_EVAL = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm}
-
-
-def _ours() -> set[type]:
-    from batchnorm.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
-    return {BatchNorm1d, BatchNorm2d, BatchNorm3d}
+import batchnorm.nn as family
 
 
 def batchnorm_types(foldable: bool = False) -> tuple[type, ...]:
-    """Every batch-norm layer type (torch.nn's, ours and the family's all subclass _BatchNorm), or
-    only those fold can replace by a scale and shift."""
+    """Every batch-norm layer type: torch.nn's, ours and the family's subclass _BatchNorm, except
+    FrozenBatchNorm (a plain Module on purpose). With `foldable`, only those whose eval forward is
+    act(weight * (x - running_mean) / sqrt(running_var + eps) + bias) on the one input, so fold
+    may replace them by a scale, a shift and the activation (`activation_module`)."""
     if not foldable:
-        return (_BatchNorm,)
-    return tuple(_PLAIN_EVAL | _ours())
+        return (_BatchNorm, family.FrozenBatchNormBase)
+    # Renorm and ghost batch norm are plain batch norm on the running statistics in eval; masked
+    # and domain batch norm take a second argument that changes what they compute.
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+            family.BatchNormBase, family.FrozenBatchNormBase)
 
 
-def is_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, batchnorm_types())
+def takes_second_argument(module: nn.Module) -> bool:
+    """Masked and domain batch norm: a mask or a domain index changes what they compute."""
+    return isinstance(module, (family.MaskedBatchNormBase, family.DomainBatchNormBase))
+
+
+def is_domain(module: nn.Module) -> bool:
+    return isinstance(module, family.DomainBatchNormBase)
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """FrozenBatchNorm normalizes with its statistics in train mode as in eval, and never updates."""
+    return isinstance(module, family.FrozenBatchNormBase)
+
+
+def activation_module(layer: nn.Module) -> nn.Module:
+    """The torch.nn module for a layer's fused activation (BatchNormAct, FrozenBatchNorm)."""
+    act = getattr(layer, "activation", "identity")
+    slope = getattr(layer, "negative_slope", 0.01)
+    return {"identity": nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU,
+            "leaky_relu": lambda: nn.LeakyReLU(slope),
+            "gelu_tanh": lambda: nn.GELU(approximate="tanh")}[act]()
 
 
 def model_device(model: nn.Module) -> torch.device | None:

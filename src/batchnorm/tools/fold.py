@@ -36,7 +36,8 @@ from torch.fx.experimental.meta_tracer import MetaTracer
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.kernels.native import scale_shift
-from batchnorm.tools._common import batchnorm_types, output_tensors, run_model
+from batchnorm.tools._common import (activation_module, batchnorm_types, is_frozen,
+                                     output_tensors, run_model, takes_second_argument)
 
 __all__ = ["fold", "FoldReport"]
 
@@ -152,7 +153,7 @@ def _why_not(bn_name: str, bn: _BatchNorm, layer_name: str | None, layer: nn.Mod
              registrations: dict[int, int], calls: dict[int, int], input_ranks: dict[str, int]
              ) -> str | None:
     """None when (layer, bn) can fold, else the reason it cannot."""
-    if not isinstance(bn, batchnorm_types(foldable=True)):
+    if takes_second_argument(bn) or not isinstance(bn, batchnorm_types(foldable=True)):
         return f"{type(bn).__name__} is not a plain batch norm in eval"
     if bn.running_mean is None or bn.running_var is None:
         return "track_running_stats=False: eval normalizes with batch statistics"
@@ -251,8 +252,9 @@ def fold(model: nn.Module, example_input=None, *, verify: bool = True, tolerance
         inplace: fold `model` itself instead of a deep copy.
 
     Returns:
-        (folded model, FoldReport). Folded batch norms are replaced by `nn.Identity`; everything
-        else, including the model's class and output type, is unchanged.
+        (folded model, FoldReport). Folded batch norms are replaced by `nn.Identity` (or by their
+        fused activation as a torch.nn module); everything else, including the model's class and
+        output type, is unchanged.
 
     Raises:
         ValueError: the model is in training mode, or verify=True without example_input.
@@ -261,7 +263,7 @@ def fold(model: nn.Module, example_input=None, *, verify: bool = True, tolerance
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold: expected an nn.Module, got {type(model).__name__}")
     training = [name or "<root>" for name, m in model.named_modules()
-                if isinstance(m, batchnorm_types()) and m.training]
+                if isinstance(m, batchnorm_types()) and m.training and not is_frozen(m)]
     if training:
         raise ValueError(f"fold: the model has batch norms in training mode ({', '.join(training[:3])}"
                          f"{', ...' if len(training) > 3 else ''}); call model.eval() first: folding "
@@ -318,7 +320,8 @@ def fold(model: nn.Module, example_input=None, *, verify: bool = True, tolerance
 
     for bn_name, bn, layer_name, layer in pairs:
         _fold_pair(layer, bn)
-        _set_submodule(target, bn_name, nn.Identity())
+        # an act-fused layer (BatchNormAct, FrozenBatchNorm with act) leaves its activation
+        _set_submodule(target, bn_name, activation_module(bn))
         report.folded.append((bn_name, layer_name))
 
     if verify:

@@ -27,20 +27,26 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.kernels.native import stats
-from batchnorm.tools._common import (batch_inputs, batchnorm_types, limited, model_device,
-                                     progress_bar, run_model, to_device, total_batches)
+from batchnorm.tools._common import (batch_inputs, batchnorm_types, is_domain, limited,
+                                     model_device, progress_bar, run_model, to_device,
+                                     total_batches)
 
 __all__ = ["track", "Tracker", "eval_gap", "plot"]
 
 PERCENTILES = (15, 50, 85)
 
 
-def _gap(x: Tensor, bn: nn.Module) -> tuple[float, float]:
-    """(mean_gap, std_ratio) of input x against bn's running statistics, float64."""
-    count, mean, m2 = stats(x.detach().double())
+def _gap(bn: nn.Module, args: tuple, kwargs: dict) -> tuple[float, float]:
+    """(mean_gap, std_ratio) of a call's input against bn's running statistics (a DomainBatchNorm's
+    for the call's domain), float64."""
+    running_mean, running_var = bn.running_mean, bn.running_var
+    if is_domain(bn):
+        k = int(args[1] if len(args) > 1 else kwargs["domain"])
+        running_mean, running_var = running_mean[k], running_var[k]
+    count, mean, m2 = stats(args[0].detach().double())
     var = m2 / count
-    running_var = bn.running_var.double() + bn.eps
-    mean_gap = ((mean - bn.running_mean.double()).abs() * torch.rsqrt(running_var)).mean()
+    running_var = running_var.double() + bn.eps
+    mean_gap = ((mean - running_mean.double()).abs() * torch.rsqrt(running_var)).mean()
     std_ratio = torch.sqrt((var + bn.eps) / running_var).mean()
     return mean_gap.item(), std_ratio.item()
 
@@ -91,10 +97,10 @@ def track(model: nn.Module, inputs_of: Iterable[str] = (), *, every: int = 1
     def on_step(_module, _args):
         tracker.step += 1
 
-    def on_bn(name, module, args):
+    def on_bn(name, module, args, kwargs):
         if tracker.step % every or module.running_mean is None or args[0].numel() == 0:
             return
-        mean_gap, std_ratio = _gap(args[0], module)
+        mean_gap, std_ratio = _gap(module, args, kwargs)
         tracker.records.append({"step": tracker.step, "layer": name, "quantity": "mean_gap",
                                 "value": mean_gap})
         tracker.records.append({"step": tracker.step, "layer": name, "quantity": "std_ratio",
@@ -112,7 +118,9 @@ def track(model: nn.Module, inputs_of: Iterable[str] = (), *, every: int = 1
     # pre-hooks, so the running statistics are read before this step's update; each returns None
     # (a non-None return would replace the module's arguments).
     handles = [model.register_forward_pre_hook(on_step)]
-    handles += [m.register_forward_pre_hook(lambda mod, args, name=name: on_bn(name, mod, args))
+    handles += [m.register_forward_pre_hook(
+                    lambda mod, args, kwargs, name=name: on_bn(name, mod, args, kwargs),
+                    with_kwargs=True)
                 for name, m in modules.items() if isinstance(m, batchnorm_types())]
     handles += [modules[name].register_forward_pre_hook(
                     lambda mod, args, name=name: on_input(name, mod, args)) for name in inputs_of]
