@@ -95,8 +95,9 @@ def _swap(module: nn.Module, cls: type, kwargs: dict) -> nn.Module:
         module = family.unfreeze(module)  # trainable again: new Parameters with its values
     args = {"eps": module.eps, "momentum": module.momentum, "affine": module.affine,
             "track_running_stats": module.track_running_stats}
-    if issubclass(cls, family.BatchNormActBase) and _fused(module):
-        args |= {"act": module.activation, "negative_slope": module.negative_slope}
+    if issubclass(cls, family.BatchNormActBase):  # its default act is relu, not identity
+        args |= {"act": getattr(module, "activation", "identity"),
+                 "negative_slope": getattr(module, "negative_slope", 0.01)}
     new = cls(module.num_features, **(args | kwargs))
     for key in _SHARED_STATE:
         value = getattr(module, key, None)
