@@ -113,7 +113,8 @@ def main() -> None:
           f"{fold_seconds:.2f} s, max probe error {report.max_error:.2e}")
     print(f"{'case':<10} {'median ms':>10} {'vs unfolded':>12} {'vs no_bn':>9}")
     for r in rows:
-        print(f"{r['case']:<10} {r['median_ms']:>10.1f} {r['vs_unfolded']:>12.3f} {r['vs_no_bn']:>9.3f}")
+        print(f"{r['case']:<10} {r['median_ms']:>10.1f} {r['vs_unfolded']:>12.3f} "
+              f"{r['vs_no_bn']:>9.3f}")
 
     write_atomic(args.out, {
         "benchmark": "fold", "model": "transformers ResNetConfig() (ResNet-50)",

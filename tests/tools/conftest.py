@@ -5,9 +5,16 @@ import torch
 
 from tools_helpers import ARCHITECTURES, randomize_bn
 
-# One intra-op thread per test process: the machine has 2 cores shared with other jobs and pytest
-# runs 2 workers; with more threads the tiny convolutions here spin-wait and run 10x slower.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread in the tools tests: the machine has 2 cores shared with other jobs and
+    pytest runs 2 workers; with more threads the tiny convolutions here spin-wait and run up to
+    10x slower. Restored afterwards, so other tests in the worker keep their setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))

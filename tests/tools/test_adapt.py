@@ -21,7 +21,8 @@ def test_adabn_recovers_accuracy_on_shifted_mnist1d():
     model = nn.Sequential(
         nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 16, 5, padding=2), batchnorm.BatchNorm1d(16),
         nn.ReLU(), nn.Conv1d(16, 16, 3, stride=2, padding=1), batchnorm.BatchNorm1d(16), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 20, 64), batchnorm.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+        nn.Flatten(), nn.Linear(16 * 20, 64), batchnorm.BatchNorm1d(64), nn.ReLU(),
+        nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     for _ in range(8):
         for idx in torch.randperm(len(x)).split(100):

@@ -40,7 +40,8 @@ def test_convert_transformers_architectures_eval_and_train(hf_model):
     # Training mode, float64: the converted model is torch.nn's to rounding, and the running
     # statistics move the same way.
     converted64, _ = convert(copy.deepcopy(reference), to="batchnorm")
-    _assert_close(_train_logits(converted64, x.double()), _train_logits(reference, x.double()), 1e-10)
+    x64 = x.double()
+    _assert_close(_train_logits(converted64, x64), _train_logits(reference, x64), 1e-10)
     for (n, a), (_, b) in zip(reference.named_buffers(), converted64.named_buffers()):
         assert torch.equal(a, b) if not b.is_floating_point() else (a - b).abs().max() <= 1e-10, n
     # Training mode, float32: within 1e-5 where float32 itself is (ResNet, EfficientNet). The
@@ -58,7 +59,8 @@ def test_convert_transformers_architectures_eval_and_train(hf_model):
 
 def test_convert_keeps_parameters_dtype_mode_and_sharing():
     shared = nn.BatchNorm2d(3)
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), shared, nn.Sequential(shared), nn.BatchNorm1d(5)).double()
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), shared, nn.Sequential(shared), nn.BatchNorm1d(5))
+    model.double()
     model[0].weight.requires_grad_(False)
     model[3].eval()
     model[3].bias.requires_grad_(False)

@@ -7,7 +7,8 @@ from batchnorm.tools import export_onnx
 
 from tools_helpers import randomize_bn
 
-onnx = pytest.importorskip("onnx", reason="extra 'onnx' not installed: pip install 'batchnorm[onnx]'")
+onnx = pytest.importorskip("onnx", reason="extra 'onnx' not installed: "
+                                          "pip install 'batchnorm[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime cannot be installed here")
 pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript")
 
@@ -38,7 +39,8 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, fold_bn, optimize, batchnorm_
     assert (report is not None) == fold_bn
     with torch.no_grad():
         expected = model(x)
-    assert (run_onnx(path, x) - expected).abs().max().item() <= 1e-5 * max(1, expected.abs().max().item())
+    error = (run_onnx(path, x) - expected).abs().max().item()
+    assert error <= 1e-5 * max(1, expected.abs().max().item())
     assert type(model[1]) is batchnorm.BatchNorm2d  # the user's model is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 

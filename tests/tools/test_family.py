@@ -35,7 +35,8 @@ def test_convert_to_each_kind_keeps_eval_outputs(to):
     model, changes = convert(copy.deepcopy(original), to=to)
     assert len(changes) == 4
     assert all(type(m) in TARGETS[to] for m in model.modules()
-               if isinstance(m, (nn.modules.batchnorm._BatchNorm, batchnorm.nn.FrozenBatchNormBase)))
+               if isinstance(m, (nn.modules.batchnorm._BatchNorm,
+                                 batchnorm.nn.FrozenBatchNormBase)))
     with torch.no_grad():
         _close(model(X), original(X))
 
@@ -43,7 +44,8 @@ def test_convert_to_each_kind_keeps_eval_outputs(to):
 def test_convert_to_act_fuses_the_following_activation_and_back():
     original = cnn()
     model, _ = convert(copy.deepcopy(original), to="act")
-    assert [model[i].activation for i in (1, 4, 7, 10)] == ["relu", "silu", "identity", "leaky_relu"]
+    activations = [model[i].activation for i in (1, 4, 7, 10)]
+    assert activations == ["relu", "silu", "identity", "leaky_relu"]
     assert model[10].negative_slope == 0.2
     assert all(isinstance(model[i], nn.Identity) for i in (2, 5, 11))
     for mode in (True, False):  # training mode too: batch statistics, then the activation

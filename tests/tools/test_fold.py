@@ -45,7 +45,8 @@ class Zoo(nn.Module):
     def forward(self, a, b, c, d):
         a = self.bn1d(self.conv1d(a))
         b = self.bnt2d(self.convt2d(self.bn2d(self.conv2d(b))))
-        return a, self.bnt1d(self.convt1d(a)), b, self.bn3d(self.conv3d(c)), self.bnlin(self.linear(d))
+        return (a, self.bnt1d(self.convt1d(a)), b, self.bn3d(self.conv3d(c)),
+                self.bnlin(self.linear(d)))
 
 
 def zoo_inputs(dtype=torch.float64):

@@ -28,7 +28,7 @@ def test_track_records_gap_before_each_update_and_percentiles():
     snapshots, inputs = [], []
     net[1].register_forward_pre_hook(lambda m, a: snapshots.append(
         (a[0].detach().clone(), m.running_mean.clone(), m.running_var.clone())) and None)
-    net[2].register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()) and None)
+    net[2].register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()) and None)
     with track(net, inputs_of=["2"]) as tracker:
         for x in xs:
             net(x)
@@ -37,12 +37,13 @@ def test_track_records_gap_before_each_update_and_percentiles():
     assert {r["step"] for r in records} == {0, 1, 2}
     for step, (x, rm, rv) in enumerate(snapshots[:3]):
         mean_gap, std_ratio = expected_gap(x, rm, rv)
-        got = {r["quantity"]: r["value"] for r in records if r["step"] == step and r["layer"] == "1"}
+        at_step = [r for r in records if r["step"] == step]
+        got = {r["quantity"]: r["value"] for r in at_step if r["layer"] == "1"}
         assert got["mean_gap"] == pytest.approx(mean_gap, rel=1e-9)
         assert got["std_ratio"] == pytest.approx(std_ratio, rel=1e-9)
-        pct = {r["quantity"]: r["value"] for r in records if r["step"] == step and r["layer"] == "2"}
+        pct = {r["quantity"]: r["value"] for r in at_step if r["layer"] == "2"}
         np.testing.assert_allclose([pct["p15"], pct["p50"], pct["p85"]],
-                                   np.percentile(inputs[step].detach().double().numpy(), [15, 50, 85]),
+                                   np.percentile(inputs[step].double().numpy(), [15, 50, 85]),
                                    rtol=1e-12)
     assert len(records) == 3 * (2 + 2 + 3)
 

@@ -43,7 +43,8 @@ def float64_population(model: nn.Module, data: list[torch.Tensor]) -> dict[str, 
     reference.load_state_dict(model.state_dict())
     reference.eval()
     inputs: dict[str, list] = {}
-    bns = {n: m for n, m in reference.named_modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)}
+    bns = {n: m for n, m in reference.named_modules()
+           if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)}
     for name, m in bns.items():
         m.train()
         m.register_forward_pre_hook(
@@ -62,8 +63,9 @@ def float64_population(model: nn.Module, data: list[torch.Tensor]) -> dict[str, 
 def assert_population(model, expected, tol=1e-5):
     for name, (mean, var) in expected.items():
         m = model.get_submodule(name)
-        assert (m.running_mean.double() - mean).abs().max().item() <= tol * max(1, mean.abs().max().item()), name
-        assert (m.running_var.double() - var).abs().max().item() <= tol * max(1, var.abs().max().item()), name
+        for got, want in ((m.running_mean, mean), (m.running_var, var)):
+            error = (got.double() - want).abs().max().item()
+            assert error <= tol * max(1, want.abs().max().item()), name
 
 
 def test_recalibrate_equals_float64_population_statistics():

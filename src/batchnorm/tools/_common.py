@@ -37,7 +37,7 @@ def is_domain(module: nn.Module) -> bool:
 
 
 def is_frozen(module: nn.Module) -> bool:
-    """FrozenBatchNorm normalizes with its statistics in train mode as in eval, and never updates."""
+    """FrozenBatchNorm normalizes with its statistics in train mode as in eval; never updates."""
     return isinstance(module, family.FrozenBatchNormBase)
 
 

@@ -58,13 +58,14 @@ class Change:
 
 
 def _label(cls: type) -> str:
-    """"torch.nn.BatchNorm2d" or "batchnorm.BatchNorm2d": the package tells same-named classes apart."""
+    """"torch.nn.BatchNorm2d" or "batchnorm.BatchNorm2d": the package tells the names apart."""
     package = "torch.nn" if cls.__module__.startswith("torch.nn") else cls.__module__.split(".")[0]
     return f"{package}.{cls.__qualname__}"
 
 
 def _is_source(module: nn.Module) -> bool:
-    return (isinstance(module, _BatchNorm) or is_frozen(module)) and not takes_second_argument(module)
+    is_batchnorm = isinstance(module, _BatchNorm) or is_frozen(module)
+    return is_batchnorm and not takes_second_argument(module)
 
 
 def _rank(module: nn.Module, dim: int | None, name: str) -> int:

@@ -7,11 +7,12 @@ For a layer computing z = W x + c followed by batch norm with running statistics
       = (a W) x + (a c + b)
 
 so the pair becomes one layer with weight a*W (scaled per output channel) and bias a*c + b.
-`a` and `b` come from `kernels.native.scale_shift`, the one folding helper the frozen layers and eval
-kernels also use; the products are formed in float64 and cast back to the weight's dtype.
+`a` and `b` come from `kernels.native.scale_shift`, the one folding helper the frozen layers and
+eval kernels also use; the products are formed in float64 and cast back to the weight's dtype.
 
-Pairs are found by tracing with torch.fx, which sees data flow rather than module order (a Sequential
-conv, bn pair is not enough: the conv's output may also feed a residual). A pair folds only when
+Pairs are found by tracing with torch.fx, which sees data flow rather than module order (a
+Sequential conv, bn pair is not enough: the conv's output may also feed a residual). A pair folds
+only when
   - the batch norm's input is exactly the layer's output, and that output feeds nothing else;
   - the layer and the batch norm each run once per forward and are registered under one name (a
     shared or reused conv would change every other use: pytorch#104593 is torch.fx's fuser getting
@@ -49,7 +50,8 @@ _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class FoldReport:
     """What `fold` did. `folded`: (batch norm, layer it went into); `skipped`: (batch norm, why);
     `untraced`: (module, torch.fx's error) for regions analysed through their children;
-    `max_error`: largest |folded - original| output difference on the probe (None without verify)."""
+    `max_error`: largest |folded - original| output difference on the probe (None without
+    verify)."""
 
     folded: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -57,8 +59,8 @@ class FoldReport:
     max_error: float | None = None
 
     def __str__(self) -> str:
-        lines = [f"folded {len(self.folded)} batch norms, skipped {len(self.skipped)}"
-                 + (f", max probe error {self.max_error:.2e}" if self.max_error is not None else "")]
+        error = "" if self.max_error is None else f", max probe error {self.max_error:.2e}"
+        lines = [f"folded {len(self.folded)} batch norms, skipped {len(self.skipped)}{error}"]
         lines += [f"  folded  {bn} -> {layer}" for bn, layer in self.folded]
         lines += [f"  skipped {bn}: {why}" for bn, why in self.skipped]
         return "\n".join(lines)
@@ -164,7 +166,8 @@ def _why_not(bn_name: str, bn: _BatchNorm, layer_name: str | None, layer: nn.Mod
     if registrations[id(layer)] > 1 or calls[id(layer)] > 1:
         return f"{layer_name} is shared or called more than once"
     if _layer_channels(layer) != bn.num_features:
-        return f"{layer_name} has {_layer_channels(layer)} outputs, the batch norm {bn.num_features}"
+        return (f"{layer_name} has {_layer_channels(layer)} outputs, the batch norm "
+                f"{bn.num_features}")
     if isinstance(layer, nn.Linear) and input_ranks.get(bn_name) != 2:
         return (f"{layer_name} is Linear and the batch norm's input was not seen to be 2-D; pass "
                 f"example_input so fold can check that it normalizes the Linear's outputs")
@@ -208,7 +211,8 @@ def _observe(model: nn.Module, example_input) -> tuple[dict[str, int], dict[int,
     every module's first (args, kwargs) (the shapes the meta tracer needs)."""
     ranks: dict[str, int] = {}
     seen: dict[int, tuple] = {}
-    bn_names = {id(m): name for name, m in model.named_modules() if isinstance(m, batchnorm_types())}
+    bn_names = {id(m): name for name, m in model.named_modules()
+                if isinstance(m, batchnorm_types())}
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         # a pre-hook's non-None return would replace the arguments
@@ -265,8 +269,9 @@ def fold(model: nn.Module, example_input=None, *, verify: bool = True, tolerance
     training = [name or "<root>" for name, m in model.named_modules()
                 if isinstance(m, batchnorm_types()) and m.training and not is_frozen(m)]
     if training:
-        raise ValueError(f"fold: the model has batch norms in training mode ({', '.join(training[:3])}"
-                         f"{', ...' if len(training) > 3 else ''}); call model.eval() first: folding "
+        listed = ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
+        raise ValueError(f"fold: the model has batch norms in training mode ({listed}); call "
+                         f"model.eval() first: folding "
                          f"bakes in the running statistics, which training mode does not use")
     if verify and example_input is None:
         raise ValueError("fold: verify=True needs example_input (a probe batch); pass one, or "
@@ -303,7 +308,8 @@ def fold(model: nn.Module, example_input=None, *, verify: bool = True, tolerance
             if (isinstance(source, torch.fx.Node) and source.op == "call_module"
                     and len(node.args) == 1 and not node.kwargs
                     and _foldable_layer(root.get_submodule(source.target))):
-                layer, layer_name = root.get_submodule(source.target), _qualify(prefix, source.target)
+                layer = root.get_submodule(source.target)
+                layer_name = _qualify(prefix, source.target)
             if layer is not None and len(source.users) > 1:
                 why = f"the output of {layer_name} also feeds something else"
             else:

@@ -3,8 +3,8 @@
 For a batch-norm layer with batch statistics (mu_B, var_B) of its input and running ones
 (mu_R, var_R), per channel c,
 
-    mean_gap  = |mu_B - mu_R| / sqrt(var_R + eps)          (the shift, in running standard deviations)
-    std_ratio = sqrt((var_B + eps) / (var_R + eps))         (1 when the scales agree)
+    mean_gap  = |mu_B - mu_R| / sqrt(var_R + eps)      (the shift, in running standard deviations)
+    std_ratio = sqrt((var_B + eps) / (var_R + eps))    (1 when the scales agree)
 
 and the records hold their averages over channels. Both are 0 and 1 when eval mode normalizes a
 batch exactly as training mode would; large values explain a model that is good in training mode
@@ -207,7 +207,8 @@ def plot(records: list[dict], path: str | os.PathLike | None = None):
                 pts = [(r["step"], r["value"]) for r in records
                        if r["quantity"] == q and r["layer"] == layer]
                 style = {"p15": ":", "p85": ":"}.get(q, "-")
-                ax.plot(*zip(*pts), style, label=f"{layer} {q}" if title == "percentiles" else layer)
+                label = f"{layer} {q}" if title == "percentiles" else layer
+                ax.plot(*zip(*pts), style, label=label)
         ax.set_title(" / ".join(quantities))
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
