@@ -470,7 +470,7 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
         # Data-dependent checks; compiled, an all-padding batch gives non-finite statistics, which
         # the update rule already ignores.
         if valid.shape[0] == 0:
-            return torch.zeros_like(input)
+            return torch.where(mask.unsqueeze(1), input, 0.0)  # zeros, still part of the graph
         _check_one_value(valid.shape[0], _shape(input), name,
                          "the mask leaves one valid position; use eval mode for it")
     y, count, mean, m2 = _normalize(valid, weight, bias, None, None, None, eps, "identity", 0.0)
