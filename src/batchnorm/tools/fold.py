@@ -109,7 +109,7 @@ def _split_args(module: nn.Module, seen: tuple | None) -> tuple[dict, dict]:
 def _trace(module: nn.Module, seen: tuple | None) -> torch.fx.Graph:
     """Trace symbolically; where that fails and the probe showed this module's inputs, trace
     again with meta tensors of those shapes."""
-    meta, concrete = _split_args(module, None)
+    _, concrete = _split_args(module, None)
     try:
         return _Tracer().trace(module, concrete_args=concrete or None)
     except Exception:  # torch.fx raises TraceError, TypeError, AttributeError, ...
