@@ -25,7 +25,7 @@ def test_fold_transformers_architectures(hf_model):
 
 class Zoo(nn.Module):
     """Every foldable layer kind with groups, dilation, bias=False and stride, each followed by
-    its batch norm."""
+    its batch norm (one without affine parameters)."""
 
     def __init__(self):
         super().__init__()
@@ -34,7 +34,7 @@ class Zoo(nn.Module):
         self.conv2d = nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2)
         self.bn2d = batchnorm.BatchNorm2d(6)
         self.convt2d = nn.ConvTranspose2d(6, 4, 3, groups=2, stride=2, bias=False)
-        self.bnt2d = nn.BatchNorm2d(4)
+        self.bnt2d = nn.BatchNorm2d(4, affine=False)
         self.conv3d = nn.Conv3d(2, 3, 2)
         self.bn3d = batchnorm.BatchNorm3d(3)
         self.convt1d = nn.ConvTranspose1d(6, 9, 2, groups=3, dilation=2)
