@@ -121,3 +121,23 @@ def test_adapt_one_domain_keeps_the_others():
     _close(model.norm.running_var[1].double(), values.var(1))
     gaps = eval_gap(model, target, forward=lambda m, x: m(x, domain=1))
     assert gaps[0]["layer"] in {"norm", "masked"}
+
+
+def test_convert_to_sync_and_back_without_distributed():
+    original = cnn()
+    model, _ = convert(copy.deepcopy(original), to="act")
+    model[7] = batchnorm.BatchNorm2d(4)  # a plain layer of ours between the fused ones
+    model[7].load_state_dict(original[7].state_dict())
+    synced, changes = convert(model, to="sync")
+    assert type(synced[7]) is batchnorm.SyncBatchNorm and synced[1].sync
+    assert type(synced[1]) is batchnorm.BatchNormAct2d and len(changes) == 4
+    for mode in (True, False):  # not initialized: synced layers are plain batch norm
+        original.train(mode), synced.train(mode)
+        with torch.no_grad():
+            _close(synced(X), original(X))
+    synced.eval()
+    folded, report = fold(synced, X)
+    assert len(report.folded) == 4
+    # back: SyncBatchNorm remembers it replaced a 2d layer, so no dim= is needed
+    back, _ = convert(synced, to="batchnorm")
+    assert type(back[7]) is batchnorm.BatchNorm2d and not back[7].sync

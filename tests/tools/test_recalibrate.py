@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import batchnorm
-from batchnorm.tools import recalibrate
+from batchnorm.tools import convert, recalibrate
 
 SIZES = (5, 17, 3, 11, 8)  # unequal batch sizes: the population weights each by its size
 
@@ -121,8 +121,13 @@ def _rank(rank: int, port: int, queue) -> None:
         model = tiny_cnn()
         # rank 1 has fewer and differently sized batches than rank 0
         recalibrate(model, batches(10 + rank, SIZES if rank == 0 else (2, 9)), progress=False)
+        # a synced model normalizes with the global batch, so every rank runs as many batches
+        synced, _ = convert(tiny_cnn(), to="sync")
+        recalibrate(synced, batches(10 + rank, SIZES[:2] if rank == 0 else (2, 9)),
+                    progress=False)
         # numpy arrays travel by value; tensors would go through shared memory that dies with us
-        queue.put((rank, {k: v.numpy().copy() for k, v in model.state_dict().items()}))
+        queue.put((rank, [{k: v.numpy().copy() for k, v in m.state_dict().items()}
+                          for m in (model, synced)]))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -144,6 +149,12 @@ def test_recalibrate_across_two_gloo_ranks():
     assert all(p.exitcode == 0 for p in procs)
     model = tiny_cnn()
     expected = float64_population(model, batches(10) + batches(11, (2, 9)))
+    # SyncBatchNorm over two ranks' batches k is batch norm over their concatenation
+    global_batches = [torch.cat(pair) for pair in zip(batches(10, SIZES[:2]), batches(11, (2, 9)))]
+    expected_synced = float64_population(model, global_batches)
     for rank in range(2):
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in results[rank].items()})
+        plain, synced = ({k: torch.from_numpy(v) for k, v in r.items()} for r in results[rank])
+        model.load_state_dict(plain)
         assert_population(model, expected)
+        model.load_state_dict(synced)
+        assert_population(model, expected_synced)

@@ -11,6 +11,10 @@ consumer (found with torch.fx, as fold finds its pairs) into the new BatchNormAc
 nn.Identity in its place; a fused activation converted to a kind without one becomes
 nn.Sequential(layer, activation), which keeps the function (its state_dict keys gain ".0.").
 
+`to="sync"` applies `batchnorm.convert_sync_batchnorm` (the sync layer's rules, kept in one place)
+and lists what it changed; a SyncBatchNorm it made remembers the class it replaced, so converting
+it back needs no `dim`.
+
 Masked and domain batch norm take a second argument that no other kind accepts; they are left
 as they are. The registry is one flat dict of names; an unknown name raises ValueError listing the
 valid ones.
@@ -38,6 +42,8 @@ TARGETS: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
     "renorm": (family.BatchRenorm1d, family.BatchRenorm2d, family.BatchRenorm3d),
     "ghost": (family.GhostBatchNorm1d, family.GhostBatchNorm2d, family.GhostBatchNorm3d),
     "frozen": (family.FrozenBatchNorm1d, family.FrozenBatchNorm2d, family.FrozenBatchNorm3d),
+    # one class for every rank; convert delegates to family.convert_sync_batchnorm (see there)
+    "sync": (family.SyncBatchNorm, family.SyncBatchNorm, family.SyncBatchNorm),
 }
 
 _SHARED_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -69,8 +75,10 @@ def _is_source(module: nn.Module) -> bool:
 
 
 def _rank(module: nn.Module, dim: int | None, name: str) -> int:
+    # a SyncBatchNorm made by convert_sync_batchnorm remembers the class it replaced
+    origin = getattr(module, "_reverts_to", type(module))
     for rank, classes in enumerate(_RANKED, start=1):
-        if isinstance(module, classes):
+        if issubclass(origin, classes):
             return rank
     if dim is None:
         raise ValueError(f"convert: {name} is a {type(module).__name__}, which accepts any input "
@@ -107,6 +115,11 @@ def _swap(module: nn.Module, cls: type, kwargs: dict) -> nn.Module:
         elif key in new._buffers:
             new._buffers[key] = value
     new.train(module.training)
+    # A layer with the sync option on (BatchNormAct(sync=True), ...) stays synced in a kind that
+    # has the option; SyncBatchNorm itself converts to the plain kind, as revert_sync_batchnorm.
+    if (getattr(module, "sync", False) and type(module) is not family.SyncBatchNorm
+            and getattr(new, "syncable", False)):
+        new.sync, new.process_group = True, module.process_group
     if _fused(module) and not _fused(new) and not issubclass(cls, family.BatchNormActBase):
         return nn.Sequential(new, activation_module(module))
     return new
@@ -141,6 +154,19 @@ def _activation_consumers(model: nn.Module, example_input) -> dict[int, str]:
     return found
 
 
+def _to_sync(model: nn.Module, process_group=None) -> tuple[nn.Module, list[Change]]:
+    """convert_sync_batchnorm (the sync layer's own rules: plain layers become SyncBatchNorm, our
+    other layers switch their sync option on, ghost/masked/domain stay local with a warning), and
+    the list of what changed."""
+    before = {name: (type(m), getattr(m, "sync", False))
+              for name, m in model.named_modules() if _is_source(m)}
+    model = family.convert_sync_batchnorm(model, process_group)
+    changes = [Change(name or "<root>", before[name][0], type(m))
+               for name, m in model.named_modules()
+               if name in before and (type(m), getattr(m, "sync", False)) != before[name]]
+    return model, changes
+
+
 def convert(model: nn.Module, to: str = "batchnorm", *, dim: int | None = None,
             example_input=None, **kwargs) -> tuple[nn.Module, list[Change]]:
     """Replace every batch-norm layer in `model` by the kind named `to`, in place.
@@ -149,7 +175,9 @@ def convert(model: nn.Module, to: str = "batchnorm", *, dim: int | None = None,
         model: any module; a batch-norm layer itself is replaced and returned.
         to: a name in `TARGETS`: "batchnorm" (ours), "torch" (torch.nn's, e.g. before exporting),
             "act" (BatchNormAct, fusing the activation that follows), "renorm" (BatchRenorm),
-            "ghost" (GhostBatchNorm), "frozen" (FrozenBatchNorm).
+            "ghost" (GhostBatchNorm), "frozen" (FrozenBatchNorm), "sync" (statistics over all
+            ranks: `batchnorm.convert_sync_batchnorm`'s rules, which keep BatchNormAct and
+            BatchRenorm as they are with their sync option on; takes `process_group=`).
         dim: for sources that accept any rank (SyncBatchNorm), which of the target's 1d/2d/3d
             classes to use.
         example_input: for to="act", a probe batch that lets torch.fx trace modules with
@@ -167,6 +195,8 @@ def convert(model: nn.Module, to: str = "batchnorm", *, dim: int | None = None,
     if to not in TARGETS:
         raise ValueError(f"convert: unknown target {to!r}; valid targets are "
                          f"{', '.join(map(repr, sorted(TARGETS)))}")
+    if to == "sync":
+        return _to_sync(model, **kwargs)
     activations = _activation_consumers(model, example_input) if to == "act" else {}
     layers = {id(m): m for m in model.modules()}
     activations = {k: v for k, v in activations.items() if not _fused(layers[k])}
