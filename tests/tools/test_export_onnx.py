@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from batchnorm.tools import export_onnx
+from batchnorm.tools import export_onnx, onnx_translations
 
 from tools_helpers import randomize_bn
 
@@ -49,3 +49,34 @@ def test_onnx_export_needs_eval_mode(tmp_path):
     with pytest.raises(ValueError, match="call model.eval"):
         export_onnx(cnn().train(), (torch.randn(2, 3, 8, 8),), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+class FusedResidual(nn.Module):
+    """Every fused activation, and a residual added before the activation."""
+
+    def __init__(self):
+        super().__init__()
+        acts = ("relu", "leaky_relu", "silu", "gelu_tanh", "identity")
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norms = nn.ModuleList(batchnorm.BatchNormAct2d(4, act=a, negative_slope=0.2)
+                                   for a in acts)
+
+    def forward(self, x):
+        y = self.conv(x)
+        for norm in self.norms:
+            y = norm(y, residual=y)
+        return y
+
+
+def test_plain_torch_onnx_export_with_the_translation_table(tmp_path):
+    model, x = randomize_bn(FusedResidual()).eval(), torch.randn(2, 3, 6, 6)
+    path = tmp_path / "direct.onnx"
+    program = torch.onnx.export(model, (x,), dynamo=True, optimize=False,
+                                custom_translation_table=onnx_translations())
+    program.save(str(path))
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("BatchNormalization") == 5
+    with torch.no_grad():
+        expected = model(x)
+    error = (run_onnx(path, x) - expected).abs().max().item()
+    assert error <= 1e-5 * max(1, expected.abs().max().item())
