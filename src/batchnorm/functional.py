@@ -18,6 +18,7 @@ This module is the only place the update rules live (DESIGN.md, "The rules that 
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 
@@ -520,6 +521,18 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
 # gradient sums, applied through `_sync_normalize`). Both run eagerly under torch.compile
 # (`torch.compiler.disable`): they are collectives inside Python and an autograd.Function.
 
+
+def _eager_only(fn):
+    """`torch.compiler.disable(fn)`, decided at call time: as a decorator it imports torch._dynamo
+    (seconds, and triton with it) on `import batchnorm`, and eager calls should never pay that."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
+
+
 def _sync_world_size(process_group: "dist.ProcessGroup | None", name: str) -> int:
     """Ranks in `process_group`; 1 when torch.distributed is unavailable or not initialized, so a
     synced model also runs in a plain single process."""
@@ -532,7 +545,7 @@ def _sync_world_size(process_group: "dist.ProcessGroup | None", name: str) -> in
     return dist.get_world_size(process_group)
 
 
-@torch.compiler.disable(reason="collectives and a data-dependent update: runs eagerly")
+@_eager_only  # collectives and a data-dependent update
 def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
                      num_batches_tracked, residual, activation, negative_slope, process_group,
                      name, warn_key):
@@ -563,7 +576,7 @@ def _collective(what: str, call, process_group, name: str) -> None:
         ) from error
 
 
-@torch.compiler.disable(reason="collectives: runs eagerly")
+@_eager_only  # collectives
 @torch.no_grad()
 def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = _ONE_VALUE_FIX
                       ) -> tuple[Tensor, Tensor, Tensor]:
@@ -594,7 +607,7 @@ def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = _ONE_VALUE
     return count, mean, m2
 
 
-@torch.compiler.disable(reason="an autograd.Function issuing collectives: runs eagerly")
+@_eager_only  # an autograd.Function issuing collectives
 def _sync_normalize(x, mean, invstd, count, weight, bias, z, act, act_param, process_group, name):
     return _SyncNormalizeFunction.apply(x, mean, invstd, count, weight, bias, z, act, act_param,
                                         process_group, name)
