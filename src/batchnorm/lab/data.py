@@ -125,6 +125,9 @@ def _digits() -> Dataset:
 
 
 def _npz(path: Path) -> Dataset:
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # np.load would try to unpickle anything not a zip
+            raise DataError(f"{path}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)

@@ -28,13 +28,9 @@ def verdict(ci: dict, threshold: float, higher_supports: bool = True) -> str:
     advance, not supported when it lies wholly on the other side, inconclusive otherwise."""
     if ci["lo"] is None:
         return INCONCLUSIVE
-    lo, hi = (ci["lo"], ci["hi"]) if higher_supports else (-ci["hi"], -ci["lo"])
-    t = threshold if higher_supports else -threshold
-    if lo >= t:
-        return SUPPORTED
-    if hi < t:
-        return NOT_SUPPORTED
-    return INCONCLUSIVE
+    holds = ci["lo"] >= threshold if higher_supports else ci["hi"] < threshold
+    fails = ci["hi"] < threshold if higher_supports else ci["lo"] >= threshold
+    return SUPPORTED if holds else NOT_SUPPORTED if fails else INCONCLUSIVE
 
 
 def select(runs: list[dict], **where) -> list[dict]:
