@@ -6,6 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# pytest-xdist already runs one process per core; more intra-op threads per process only contend
+# (the lab's own workers run single-threaded for the same reason)
+torch.set_num_threads(1)
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
