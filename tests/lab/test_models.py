@@ -40,42 +40,25 @@ def test_init_std_is_applied():
     assert abs(float(w.std()) - 0.5) < 0.03 and float(m[1].bias.detach().abs().max()) == 0
 
 
-def test_ghost_stand_in_equals_batchnorm_per_virtual_batch():
-    torch.manual_seed(0)
-    x = torch.randn(12, 5, 3)
-    ghost = stand_ins.GhostBatchNorm1d(5, virtual_batch_size=4)
-    want = torch.cat([batchnorm.BatchNorm1d(5)(c) for c in x.split(4)])
-    torch.testing.assert_close(ghost(x), want)
-    # one virtual batch is plain batch norm, running statistics included
-    bn, ghost = batchnorm.BatchNorm1d(5), stand_ins.GhostBatchNorm1d(5, virtual_batch_size=12)
-    torch.testing.assert_close(ghost(x), bn(x))
-    torch.testing.assert_close(ghost.running_var, bn.running_var)
+def test_renorm_and_ghost_are_the_library_layers_with_the_run_settings():
+    m = models.build(_cfg(norm="renorm", steps=1000), (1, 40), 10)
+    renorm = m[2]
+    assert isinstance(renorm, batchnorm.BatchRenorm1d)
+    # the paper's 5k / 25k / 40k of 100k steps, scaled to this run's 1000
+    assert renorm.rmax_ramp == (50, 400) and renorm.dmax_ramp == (50, 250)
+    assert renorm.momentum == 0.1
+    m = models.build(_cfg(model="cnn", norm="ghost", virtual_batch=8), (3, 8, 8), 10)
+    assert isinstance(m[1], batchnorm.GhostBatchNorm2d) and m[1].virtual_batch_size == 8
 
 
-def test_renorm_stand_in_without_correction_is_batchnorm():
-    torch.manual_seed(0)
-    x = torch.randn(16, 6)
-    renorm = stand_ins.BatchRenorm1d(6, warmup_steps=10 ** 6)  # rmax 1, dmax 0 throughout
-    bn = batchnorm.BatchNorm1d(6, momentum=0.01)
-    for _ in range(3):
-        torch.testing.assert_close(renorm(x), bn(x))
-    torch.testing.assert_close(renorm.running_mean, bn.running_mean)
-    torch.testing.assert_close(renorm.running_var, bn.running_var)
-
-
-def test_renorm_stand_in_corrects_with_r_and_d():
-    torch.manual_seed(0)
-    renorm = stand_ins.BatchRenorm1d(4, warmup_steps=0, rmax_steps=0, dmax_steps=0, rmax=3.0,
-                                     dmax=5.0)
-    renorm.running_mean.fill_(0.5)
-    renorm.running_var.fill_(4.0)
-    x = torch.randn(64, 4, dtype=torch.float64) * 1.5 + 1.0
-    renorm.double()
-    y = renorm(x)
-    mean, std_b = x.mean(0), (x.var(0, unbiased=False) + 1e-5).sqrt()
-    std = (torch.tensor(4.0, dtype=torch.float64) + 1e-5).sqrt()
-    want = (x - mean) / std_b * (std_b / std).clamp(1 / 3, 3) + ((mean - 0.5) / std).clamp(-5, 5)
-    torch.testing.assert_close(y, want)
+def test_group_and_layer_norm_normalize_each_example():
+    x = torch.randn(4, 100) * 3 + 2
+    layer = models.norm_layer("layer", 100, 1, {})
+    y = layer(x).detach()
+    torch.testing.assert_close(y.mean(1), torch.zeros(4), atol=1e-5, rtol=0)
+    group = models.norm_layer("group", 100, 1, {"groups": 5})
+    y = group(x).detach().view(4, 5, 20)
+    torch.testing.assert_close(y.var(2, unbiased=False), torch.ones(4, 5), atol=1e-3, rtol=0)
 
 
 def test_recalibrate_stand_in_gives_population_statistics():

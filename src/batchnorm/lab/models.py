@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 import batchnorm
-from batchnorm.lab import stand_ins
 
 # name -> factory(channels, dims, options) with dims 1 for (N, C) and (N, C, L) input, 2 for
 # (N, C, H, W). `options` carries the per-norm settings of the run's configuration.
@@ -29,12 +28,12 @@ def _batch(c: int, dims: int, options: dict) -> nn.Module:
 
 
 def _renorm(c: int, dims: int, options: dict) -> nn.Module:
-    cls = stand_ins.BatchRenorm1d if dims == 1 else stand_ins.BatchRenorm2d
+    cls = batchnorm.BatchRenorm1d if dims == 1 else batchnorm.BatchRenorm2d
     return cls(c, **options["renorm"])
 
 
 def _ghost(c: int, dims: int, options: dict) -> nn.Module:
-    cls = stand_ins.GhostBatchNorm1d if dims == 1 else stand_ins.GhostBatchNorm2d
+    cls = batchnorm.GhostBatchNorm1d if dims == 1 else batchnorm.GhostBatchNorm2d
     return cls(c, virtual_batch_size=options["virtual_batch"])
 
 

@@ -79,7 +79,7 @@ def write(out: Path, data: Dataset, runs: dict[str, list[dict]], claims: list[st
     results = _clean(results)
     for name, png in pngs.items():
         atomic_write(out / "plots" / f"{name}.png", png)
-    atomic_write(out / "results.json", json.dumps(results, indent=1, sort_keys=True))
+    atomic_write(out / "results.json", json.dumps(results, indent=1))
     atomic_write(out / "report.html", _html(results, pngs, wall_seconds))
     return results
 

@@ -28,6 +28,9 @@ DEFAULTS: dict = {
     # renorm: rmax 1 -> 3 and dmax 0 -> 5 (Ioffe 2017); the paper's 5k / 25k / 40k steps, as
     # shares of a 100k-step run, here as shares of this run's steps: warmup, dmax, rmax
     "renorm_ramp": [0.05, 0.25, 0.40],
+    # renorm's running-statistics momentum: the paper's 0.01 assumes 100k+ steps; runs here are
+    # 60 to 4000 steps, so renorm keeps BN's 0.1, under which its running statistics settle
+    "renorm_momentum": 0.1,
     "dropout": 0.0,          # after every hidden activation
     "init_std": None,        # None: torch's default init; a number: N(0, std^2) weights, zero bias
     "optimizer": "sgd",      # "sgd" or "adam"
@@ -63,8 +66,8 @@ def make_config(overrides: dict) -> dict:
 def _options(cfg: dict) -> dict:
     """The model options of a run; renorm's ramp becomes step counts of this run."""
     warmup, dmax_at, rmax_at = (round(share * cfg["steps"]) for share in cfg["renorm_ramp"])
-    return {**cfg, "renorm": {"warmup_steps": warmup, "dmax_steps": dmax_at,
-                              "rmax_steps": rmax_at}}
+    return {**cfg, "renorm": {"momentum": cfg["renorm_momentum"], "rmax_ramp": (warmup, rmax_at),
+                              "dmax_ramp": (warmup, dmax_at)}}
 
 
 @torch.no_grad()
