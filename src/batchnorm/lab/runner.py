@@ -48,14 +48,14 @@ def run_id(cfg: dict, data: Dataset) -> str:
 
 def plan(claims: list[str], quick: bool, seeds: int) -> dict[str, list[dict]]:
     """group (claim name or "sanity") -> full run configurations, seeds innermost."""
-    groups = {name: CLAIMS[name].configs(quick) for name in claims}
-    groups[SANITY.NAME] = SANITY.configs(quick)
+    groups = {SANITY.NAME: SANITY.configs(quick)}
+    groups.update((name, CLAIMS[name].configs(quick)) for name in claims)
     return {g: [train.make_config({**c, "seed": s}) for c in cfgs for s in range(seeds)]
             for g, cfgs in groups.items()}
 
 
 def _cost(cfg: dict) -> float:
-    """A rough relative run time, to start long runs first and to weigh the progress bar."""
+    """A rough relative run time, to order runs within a claim and to weigh the progress bar."""
     per_step = 1.0 + cfg["batch_size"] / 100
     per_step *= 4.0 if cfg["model"] == "cnn" else 1.0
     per_step *= 2.0 if cfg["norm"] in ("batch", "renorm", "ghost") else 1.0
@@ -92,16 +92,22 @@ def execute(groups: dict[str, list[dict]], data: Dataset, out: Path, jobs: int, 
     """Runs every configuration not in the cache; returns run id -> {"config", "metrics"}."""
     cache = out / "cache"
     todo: dict[str, dict] = {}
-    for cfgs in groups.values():
+    group_of: dict[str, int] = {}
+    for i, cfgs in enumerate(groups.values()):
         for cfg in cfgs:
-            todo[run_id(cfg, data)] = cfg
+            rid = run_id(cfg, data)
+            todo[rid] = cfg
+            group_of.setdefault(rid, i)
     done: dict[str, dict] = {}
     if not fresh:
         for rid, cfg in todo.items():
             metrics = _load_cached(cache / f"{rid}.json", cfg)
             if metrics is not None:
                 done[rid] = {"config": cfg, "metrics": metrics}
-    pending = sorted((rid for rid in todo if rid not in done), key=lambda r: -_cost(todo[r]))
+    # claim by claim, so an interrupted lab has whole claims to show; within a claim the longest
+    # runs first, so the pool does not end waiting on one long run
+    pending = sorted((rid for rid in todo if rid not in done),
+                     key=lambda r: (group_of[r], -_cost(todo[r])))
     if progress is not None:
         progress.start(len(todo), len(done), sum(_cost(c) for c in todo.values()),
                        sum(_cost(todo[r]) for r in done))

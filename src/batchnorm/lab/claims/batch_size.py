@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchnorm.lab.claims.common import POINTS, fmt, mean_ci, select, verdict, yerr
+from batchnorm.lab.claims.common import POINTS, fmt, mean_ci, verdict, yerr
 
 NAME = "batch-size"
 TITLE = "Graceful with any batch size"

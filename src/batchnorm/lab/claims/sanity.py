@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from batchnorm.lab.claims import regularization
-from batchnorm.lab.claims.common import POINTS, fmt, mean_ci, select
+from batchnorm.lab.claims.common import fmt, mean_ci, select
 
 NAME = "sanity"
 TOLERANCE = 0.06
