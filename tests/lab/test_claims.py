@@ -71,7 +71,10 @@ def test_claims_have_their_parts():
 def test_batch_size_protocol_scales_the_learning_rate():
     cfgs = batch_size.configs(quick=False)
     bn = {c["batch_size"]: c for c in cfgs if c["norm"] == "batch"}
-    assert bn[2]["lr"] * 16 == bn[32]["lr"] and bn[2]["steps"] * 2 == bn[32]["steps"] * 32
+    assert bn[2]["lr"] * 16 == bn[32]["lr"]
+    # the same number of training examples at every batch size, up to one batch
+    examples = bn[2]["steps"] * 2
+    assert all(abs(c["steps"] * b - examples) < b for b, c in bn.items())
     ghosts = [c for c in cfgs if c["norm"] == "ghost"]
     assert {c["batch_size"] for c in ghosts} == {128}
     assert sorted(c["virtual_batch"] for c in ghosts) == batch_size.BATCHES

@@ -38,7 +38,7 @@ def _lr(batch: int) -> float:
 
 
 def configs(quick: bool) -> list[dict]:
-    examples = 1000 if quick else 8000
+    examples = 1000 if quick else 6000
     out = []
     for b in (QUICK_BATCHES if quick else BATCHES):
         for norm in NORMS:

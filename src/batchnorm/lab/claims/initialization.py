@@ -28,7 +28,7 @@ RATES = [0.01, 0.1]
 
 
 def configs(quick: bool) -> list[dict]:
-    base = {"batch_size": 128, "steps": 60 if quick else 500, "evals": 5}
+    base = {"batch_size": 128, "steps": 60 if quick else 300, "evals": 5}
     return [{**base, "norm": norm, "init_std": std, "lr": lr} for norm in ("none", "batch")
             for lr in RATES for std in (QUICK_STDS if quick else STDS)]
 

@@ -32,7 +32,7 @@ def _rates(runs: list[dict]) -> list[float]:
 
 
 def configs(quick: bool) -> list[dict]:
-    base = {"batch_size": 128, "steps": 100 if quick else 600, "evals": 5 if quick else 10}
+    base = {"batch_size": 128, "steps": 100 if quick else 400, "evals": 5 if quick else 10}
     return [{**base, "norm": norm, "lr": lr} for norm in ("none", "batch")
             for lr in (QUICK_RATES if quick else RATES)]
 
