@@ -1,0 +1,79 @@
+"""The `batchnorm` command (also `python -m batchnorm`); one subcommand per tool, starting with
+`lab`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _lab_parser(sub) -> None:
+    from batchnorm.lab.claims import CLAIMS
+
+    p = sub.add_parser("lab", help="measure what batch norm buys on real data and write a report",
+                       description="Trains small networks with and without batch norm, tests five "
+                                   "promises with seeds and confidence intervals, and writes "
+                                   "report.html, results.json and plots/ to --out.")
+    p.add_argument("--data", default="mnist1d",
+                   help="mnist1d (default, built locally), digits (sklearn), or a path: a directory "
+                        "of MNIST idx files (optionally .gz), a directory of CIFAR-10 binary "
+                        "batches, or an .npz with x_train, y_train, x_test, y_test")
+    p.add_argument("--claims", nargs="+", default=list(CLAIMS), metavar="CLAIM",
+                   help=f"any of {', '.join(CLAIMS)} (default: all)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per configuration (default 5; 2 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="short runs and small grids: a smoke test of the whole pipeline")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (default: the number of cores)")
+    p.add_argument("--out", type=Path, default=Path("lab-report"),
+                   help="output directory (default lab-report/); its cache/ lets a rerun resume")
+    p.add_argument("--fresh", action="store_true", help="ignore cached runs and rerun everything")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_lab)
+
+
+def _lab(args, parser) -> int:
+    from batchnorm.lab import data as lab_data
+    from batchnorm.lab.claims import CLAIMS
+    from batchnorm.lab.runner import QUICK_SEEDS, run_lab
+
+    claims = [c for item in args.claims for c in item.split(",") if c]
+    unknown = [c for c in claims if c not in CLAIMS]
+    if unknown:
+        parser.error(f"--claims: expected any of {', '.join(CLAIMS)}, got {', '.join(unknown)}")
+    claims = [c for c in CLAIMS if c in claims]  # canonical order, no duplicates
+    seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 5)
+    if seeds < 1:
+        parser.error(f"--seeds: expected a positive number, got {seeds}")
+    if args.jobs < 1:
+        parser.error(f"--jobs: expected a positive number, got {args.jobs}")
+    try:
+        # loaded before anything is written: a bad file leaves no partial output behind
+        data = lab_data.load(args.data)
+    except lab_data.DataError as e:
+        print(f"batchnorm lab: error: {e}", file=sys.stderr)
+        return 2
+    results = run_lab(data, claims, seeds, args.quick, args.jobs, args.out, args.fresh,
+                      show_progress=not args.no_progress)
+    width = max(len(c["title"]) for c in results["claims"].values())
+    for c in results["claims"].values():
+        print(f"{c['title']:<{width}}  {c['verdict']:<14} {c['headline']}")
+    print(f"report: {args.out / 'report.html'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="batchnorm",
+                                     description="batchnorm: batch normalization for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _lab_parser(sub)
+    args = parser.parse_args(argv)
+    sub_parser = sub.choices[args.command]
+    return args.func(args, sub_parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The lab: measures on real data what batch normalization buys (`batchnorm lab`)."""

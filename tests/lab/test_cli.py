@@ -1,0 +1,147 @@
+"""The command end to end, in subprocesses, as a user runs it."""
+
+import base64
+import html
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import batchnorm
+from batchnorm import cli
+from batchnorm.lab import train
+from batchnorm.lab.claims import CLAIMS
+from batchnorm.lab.claims.common import mean_ci, verdict
+from conftest import lab
+
+VERDICTS = {"supported", "not supported", "inconclusive"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    proc = lab("--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_quick_report_states_every_claim_with_its_verdict(quick):
+    out, proc = quick
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["claims"]) == list(CLAIMS)
+    assert results["lab"]["seeds"] == 2 and results["lab"]["quick"]
+    page = (out / "report.html").read_text()
+    verdict_table = page[page.index("<h2>Verdicts</h2>"):page.index("<h2>Sanity check</h2>")]
+    for name, c in results["claims"].items():
+        assert c["verdict"] in VERDICTS
+        # the stated verdict follows from the stated estimate and threshold
+        assert c["verdict"] == verdict(c["estimate"], c["threshold"], c["higher_supports"])
+        row = verdict_table[verdict_table.index(f'href="#{name}"'):]
+        row = row[:row.index("</tr>")]
+        assert CLAIMS[name].CRITERION in html.unescape(row)
+        assert f">{c['verdict']}</span>" in row
+        assert c["title"] in proc.stdout and c["verdict"] in proc.stdout
+
+
+def test_quick_report_numbers_match_the_runs(quick):
+    out, _ = quick
+    results = json.loads((out / "results.json").read_text())
+    reg = [r for r in results["runs"] if "regularization" in r["groups"]]
+
+    def gaps(norm):
+        rs = sorted((r for r in reg if r["config"]["norm"] == norm and not r["config"]["dropout"]),
+                    key=lambda r: r["config"]["seed"])
+        return [r["metrics"]["final_train"] - r["metrics"]["final_test"] for r in rs]
+
+    want = mean_ci(np.subtract(gaps("none"), gaps("batch")))
+    got = results["claims"]["regularization"]["estimate"]
+    assert got["mean"] == pytest.approx(want["mean"]) and got["lo"] == pytest.approx(want["lo"])
+    for r in results["runs"]:
+        assert set(r["config"]) == set(train.DEFAULTS)  # the full configuration, rerunnable
+    assert results["lab"]["version"] == batchnorm.__version__
+    sanity = results["sanity"]
+    cnn = [r["metrics"]["final_test"] for r in results["runs"] if r["config"]["model"] == "cnn"]
+    assert sanity["cnn"]["ours"]["mean"] == pytest.approx(np.mean(cnn))
+
+
+def test_quick_report_is_self_contained_with_rendered_plots(quick):
+    out, _ = quick
+    page = (out / "report.html").read_text()
+    assert not re.search(r'(src|href)="(https?:|file:|/)', page)
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == len(CLAIMS)
+    for name, b64 in zip(CLAIMS, embedded):
+        png = base64.b64decode(b64)
+        assert png == (out / "plots" / f"{name}.png").read_bytes()
+        image = matplotlib.image.imread(io.BytesIO(png))
+        assert image.shape[0] > 200 and image.shape[1] > 500
+        # not a blank canvas: a plot draws many distinct colours
+        assert len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 50
+
+
+@pytest.mark.parametrize("kind", ["idx", "npz", "digits"])
+def test_other_data(kind, idx_dir, npz_file, tmp_path):
+    spec = {"idx": str(idx_dir), "npz": str(npz_file), "digits": "digits"}[kind]
+    out = tmp_path / "out"
+    proc = lab("--quick", "--data", spec, "--claims", "learning-rate", "--seeds", "1", "--out",
+               str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["claims"]) == ["learning-rate"]
+    assert results["lab"]["data"]["shape"] == [1, 8, 8]
+    assert results["claims"]["learning-rate"]["verdict"] == "inconclusive"  # one seed: no CI
+    assert results["sanity"]["mlp"]["published"] is None  # MNIST-1D's table does not apply
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda p: p / "missing.npz", "missing.npz"),
+    (lambda p: (p / "bad.npz").write_bytes(b"garbage") and p / "bad.npz",
+     "bad.npz: not a readable .npz file"),
+])
+def test_bad_data_exits_nonzero_and_writes_nothing(tmp_path, capsys, make_bad, message):
+    path = make_bad(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["lab", "--data", str(path), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_claim_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["lab", "--claims", "speed", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert "--claims: expected any of convergence" in capsys.readouterr().err
+
+
+def test_sigkill_then_resume_gives_the_same_results(tmp_path):
+    args = ["--quick", "--claims", "learning-rate", "--seeds", "1", "--jobs", "1"]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([sys.executable, "-m", "batchnorm", "lab", "--no-progress", *args,
+                             "--out", str(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while len(list((killed / "cache").glob("*.json"))) < 3:
+            assert proc.poll() is None, "the lab finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the lab and its workers: one session we started
+        proc.wait()
+    cached = list((killed / "cache").glob("*.json"))
+    for f in cached:
+        json.loads(f.read_text())  # whole files only: written under a temporary name, renamed
+    assert not (killed / "results.json").exists()
+    resumed = lab(*args, "--out", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert lab(*args, "--out", str(clean)).returncode == 0
+    assert (killed / "results.json").read_bytes() == (clean / "results.json").read_bytes()
+    assert len(list((killed / "cache").glob("*.json"))) > len(cached)
