@@ -1,0 +1,639 @@
+"""Numba kernels for fp32/fp64 CPU batch norm: the same four functions as `native`, fused.
+
+Batch norm is memory-bound, so its speed is the number of walks over the tensor. Each kernel owns a
+channel block for its whole life and finishes it while the block is still in cache:
+
+- training forward: shifted sums of the block, then y = act(a*x + b (+ z)) over the same block
+  (the second read comes from L2/L3, not memory): one read of x and one write of y from DRAM;
+- backward: sum(g) and sum(g*x_hat), then dx over the same block: reads dy and x once from DRAM;
+- eval forward: the per-channel affine plus epilogue, one pass.
+
+Two layouts, both walked in memory order through a flat view:
+- "nchw": contiguous (N, C, S), S = prod(spatial) > 1: a channel is N rows of S values; one thread
+  owns a channel.
+- "rows": (P, C) rows of C channels: (N, C) input, channels-last 4d/5d (P = N*spatial), and any
+  tensor with S = 1. One thread owns a block of `_BLOCK` channels (one cache line of fp32).
+
+Numerics: statistics accumulate in float64 from x - shift, the shift being the channel's first
+element, so m2 = sum(d^2) - sum(d)^2/M does not cancel when |mean| >> std. Every partial of a
+channel uses the same shift, so plain addition is the exact merge of partials (the Chan merge
+reduces to it). The normalize and dx passes compute in x's dtype with per-channel coefficients
+formed in float64.
+
+Numba is imported when this module is, which `kernels.implementation` delays to the first CPU
+fp32/fp64 call (importing `batchnorm` stays fast). Kernels compile lazily with `cache=True`; when
+the package directory is read-only the cache goes to a user directory (`_choose_cache_dir`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import threading
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import numba
+from numba import njit, prange, types
+from numba.extending import overload
+
+from batchnorm.kernels.native import accumulation_dtype
+
+
+def _choose_cache_dir() -> None:
+    """Numba caches next to this file; a read-only install (site-packages owned by root, a zip,
+    a container layer) would recompile in every process, so point Numba at a user cache instead.
+    An explicit NUMBA_CACHE_DIR wins."""
+    if numba.config.CACHE_DIR:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    pycache = os.path.join(here, "__pycache__")
+    if os.access(pycache if os.path.isdir(pycache) else here, os.W_OK):
+        return
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for root in (xdg, os.path.join(tempfile.gettempdir(), f"batchnorm-{os.getuid()}")):
+        path = os.path.join(root, "batchnorm", "numba")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK):
+            numba.config.CACHE_DIR = path
+            return
+
+
+_choose_cache_dir()
+
+_FLAGS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+# One channel block of fp32 is one 64-byte cache line, so two threads never write the same line.
+_BLOCK = 16
+# Values per inner chunk: the chunk and its scratch stay in L1 between the fused loops.
+_CHUNK = 1024
+# Values per parallel chunk of the "rows" layout (64 KB of fp32).
+_ROWS_CHUNK = 16384
+
+IDENTITY, RELU, LEAKY_RELU, SILU, GELU_TANH = range(5)
+ACT_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "silu": SILU,
+             "gelu_tanh": GELU_TANH}
+
+
+# ---- per-element math, shared by every kernel -------------------------------------------------
+# `k` is a tuple of x's dtype (so fp32 math stays fp32 and vectorizes; a tuple, not an array,
+# so its loads cannot alias an output):
+# k = (slope, 0.5, 1, sqrt(2/pi), 0.044715, 2, 0, 3*0.044715).
+
+@njit(**_FLAGS)
+def _act(v, code, k):
+    """act(v) for the five epilogues; gelu_tanh uses tanh(u) = 1 - 2/(1 + exp(2u))."""
+    if code == IDENTITY:
+        return v
+    if code == RELU:
+        return k[6] if v < k[6] else v
+    if code == LEAKY_RELU:
+        return v * k[0] if v < k[6] else v
+    if code == SILU:
+        return v / (k[2] + np.exp(-v))
+    u = k[3] * (v + k[4] * v * v * v)
+    return k[1] * v * (k[5] - k[5] / (k[2] + np.exp(k[5] * u)))
+
+
+@njit(**_FLAGS)
+def _act_grad(dy, v, code, k):
+    """dy * act'(v), v the pre-activation (relu/leaky_relu: the sign of v, as y > 0 iff v > 0)."""
+    if code == IDENTITY:
+        return dy
+    if code == RELU:
+        return dy if v > k[6] else k[6]
+    if code == LEAKY_RELU:
+        return dy if v > k[6] else dy * k[0]
+    if code == SILU:
+        s = k[2] / (k[2] + np.exp(-v))
+        return dy * s * (k[2] + v * (k[2] - s))
+    c = k[3]
+    t = k[2] - k[5] / (k[2] + np.exp(k[5] * c * (v + k[4] * v * v * v)))
+    return dy * (k[1] * (k[2] + t) + k[1] * v * (k[2] - t * t) * c * (k[2] + k[7] * v * v))
+
+
+def _at(coefficient, j):
+    """Element j of a per-element coefficient array, or the coefficient itself if a scalar."""
+
+
+@overload(_at)
+def _at_impl(coefficient, j):
+    # Resolved at compile time: "nchw" kernels pass a channel's scalars, "rows" kernels (C,)
+    # arrays aligned with the row, so one copy of each loop below serves both layouts.
+    if isinstance(coefficient, types.Array):
+        return lambda coefficient, j: coefficient[j]
+    return lambda coefficient, j: coefficient
+
+
+@njit(**_FLAGS)
+def _affine(x, z, out, a, b, has_z):
+    """out = a*x + b (+ z) over a slice; a, b scalars or arrays aligned with it."""
+    for j in range(out.shape[0]):
+        out[j] = _at(a, j) * x[j] + _at(b, j)
+    if has_z:
+        for j in range(out.shape[0]):
+            out[j] += z[j]
+
+
+# The activation loops below branch once, outside the loop: with `code` tested per element LLVM
+# does not unswitch the loop and nothing vectorizes (measured 5-30x slower).
+
+@njit(**_FLAGS)
+def _activate(y, code, k):
+    """y = act(y) in place over a slice."""
+    if code == RELU:
+        for j in range(y.shape[0]):
+            y[j] = _act(y[j], RELU, k)
+    elif code == LEAKY_RELU:
+        for j in range(y.shape[0]):
+            y[j] = _act(y[j], LEAKY_RELU, k)
+    elif code == SILU:
+        for j in range(y.shape[0]):
+            y[j] = _act(y[j], SILU, k)
+    elif code == GELU_TANH:
+        for j in range(y.shape[0]):
+            y[j] = _act(y[j], GELU_TANH, k)
+
+
+@njit(**_FLAGS)
+def _activation_grad(g, dy, code, k):
+    """g = dy * act'(g) in place: g holds the pre-activation on entry."""
+    if code == RELU:
+        for j in range(g.shape[0]):
+            g[j] = _act_grad(dy[j], g[j], RELU, k)
+    elif code == LEAKY_RELU:
+        for j in range(g.shape[0]):
+            g[j] = _act_grad(dy[j], g[j], LEAKY_RELU, k)
+    elif code == SILU:
+        for j in range(g.shape[0]):
+            g[j] = _act_grad(dy[j], g[j], SILU, k)
+    elif code == GELU_TANH:
+        for j in range(g.shape[0]):
+            g[j] = _act_grad(dy[j], g[j], GELU_TANH, k)
+
+
+@njit(**_FLAGS)
+def _normalize(x, z, y, a, b, has_z, code, k):
+    """y = act(a*x + b (+ z)) over a slice (the forward epilogue)."""
+    _affine(x, z, y, a, b, has_z)
+    _activate(y, code, k)
+
+
+@njit(**_FLAGS)
+def _grad(dy, x, z, buf, a, b, has_z, code, k):
+    """g = dy * act'(a*x + b (+ z)) over a slice: dy itself for identity, else written to buf."""
+    if code == IDENTITY:
+        return dy
+    g = buf[:dy.shape[0]]
+    _affine(x, z, g, a, b, has_z)
+    _activation_grad(g, dy, code, k)
+    return g
+
+
+@njit(**_FLAGS)
+def _grad_input(g, x, dx, a, mean, p, q):
+    """dx = a*g + p*(x - mean) + q over a slice (p, q: see `_dx_coefficients`)."""
+    for j in range(dx.shape[0]):
+        dx[j] = _at(a, j) * g[j] + _at(p, j) * (x[j] - _at(mean, j)) + _at(q, j)
+
+
+@njit(**_FLAGS)
+def _coefficients(mean, invstd, weight, bias, has_w, has_b, c):
+    """Fold the affine into y = a*x + b: a = weight*invstd, b = bias - mean*a (float64)."""
+    a = np.float64(invstd[c]) * (np.float64(weight[c]) if has_w else 1.0)
+    b = (np.float64(bias[c]) if has_b else 0.0) - np.float64(mean[c]) * a
+    return a, b
+
+
+@njit(**_FLAGS)
+def _dx_coefficients(a, invstd, sum_g, sum_gxhat, m, training):
+    """dx = a*(g - sum(g)/M - x_hat*sum(g*x_hat)/M) = a*g + p*(x - mean) + q with
+    p = -a*invstd*sum(g*x_hat)/M, q = -a*sum(g)/M; eval (constant statistics): p = q = 0."""
+    if not training:
+        return 0.0, 0.0
+    return -a * invstd * sum_gxhat / m, -a * sum_g / m
+
+
+@njit(**_FLAGS)
+def _unpack(kv):
+    return (kv[0], kv[1], kv[2], kv[3], kv[4], kv[5], kv[6], kv[7])
+
+
+# ---- layout "nchw": x is flat (N*C*S,), channel c is the N rows x[(n*C + c)*S : ... + S] -----
+# One thread owns a channel: statistics, then the normalize (or dx) pass over the same rows while
+# they are in L2. Loops index slices from 0: with a runtime offset in the index Numba keeps its
+# negative-index check and the loop does not vectorize (measured 5x slower).
+
+@njit(**_FLAGS)
+def _nchw_stats(x, n, c, s, ch):
+    """(mean, m2) of channel ch in float64 from d = x - x[first]: mean = shift + sum(d)/M,
+    m2 = sum(d^2) - sum(d)^2/M, M = n*s."""
+    shift = np.float64(x[ch * s])
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(n):
+        start = (i * c + ch) * s
+        xr = x[start:start + s]
+        for j in range(s):
+            d = xr[j] - shift
+            s1 += d
+            s2 += d * d
+    m = n * s
+    m2 = s2 - s1 * s1 / m
+    return shift + s1 / m, (0.0 if m2 < 0.0 else m2)
+
+
+@njit(**_FLAGS)
+def _nchw_channel_stats(x, n, c, s, ch, eps, st):
+    """st[:, ch] = count, mean, m2, 1/sqrt(m2/M + eps)."""
+    mu, sq = _nchw_stats(x, n, c, s, ch)
+    st[0, ch], st[1, ch], st[2, ch], st[3, ch] = n * s, mu, sq, 1.0 / np.sqrt(sq / (n * s) + eps)
+
+
+def _nchw_stats_kernel(x, n, c, s, eps, st):
+    # x: (N*C*S,) flat NCHW; st: (4, C) output rows count, mean, m2, invstd = 1/sqrt(m2/M + eps)
+    for ch in prange(c):
+        _nchw_channel_stats(x, n, c, s, ch, eps, st)
+
+
+def _nchw_train_forward_kernel(x, z, y, n, c, s, weight, bias, has_w, has_b, has_z, eps, code,
+                               kv, st):
+    # x, z, y: (N*C*S,) flat NCHW (z ignored unless has_z); weight, bias: (C,) (ignored unless
+    # has_w/has_b); kv: (8,) epilogue constants; st: (4, C) output rows count, mean, m2, invstd.
+    # invstd = 1/sqrt(m2/M + eps); y = act(weight*(x - mean)*invstd + bias (+ z))
+    k = _unpack(kv)
+    for ch in prange(c):
+        _nchw_channel_stats(x, n, c, s, ch, eps, st)
+        ab = np.empty(2, x.dtype)  # a, b rounded to x's dtype
+        ab[0], ab[1] = _coefficients(st[1], st[3], weight, bias, has_w, has_b, ch)
+        for i in range(n):
+            for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
+                j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
+                _normalize(x[j0:j1], z[j0:j1], y[j0:j1], ab[0], ab[1], has_z, code, k)
+
+
+def _nchw_forward_kernel(x, z, y, n, c, s, mean, invstd, weight, bias, has_w, has_b, has_z, code,
+                         kv):
+    # x, z, y: (N*C*S,) flat NCHW; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants.
+    # y = act(weight*(x - mean)*invstd + bias (+ z)), one row (n, ch) per iteration
+    k = _unpack(kv)
+    for row in prange(n * c):
+        ab = np.empty(2, x.dtype)
+        ab[0], ab[1] = _coefficients(mean, invstd, weight, bias, has_w, has_b, row % c)
+        for j0 in range(row * s, (row + 1) * s, _CHUNK):
+            j1 = min(j0 + _CHUNK, (row + 1) * s)
+            _normalize(x[j0:j1], z[j0:j1], y[j0:j1], ab[0], ab[1], has_z, code, k)
+
+
+def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias, has_w, has_b,
+                          has_z, code, kv, training, count, sums, need_sums, write_dx, write_dz):
+    # dy, x, z, dx, dz: (N*C*S,) flat NCHW; mean, invstd, weight, bias, count: (C,);
+    # sums: (2, C) rows sum(g), sum(g*x_hat): outputs when need_sums, else inputs.
+    # g = dy*act'(pre); dx = a*(g - sum(g)/M - x_hat*sum(g*x_hat)/M) (training) or a*g (eval)
+    k = _unpack(kv)
+    for ch in prange(c):
+        a64, b64 = _coefficients(mean, invstd, weight, bias, has_w, has_b, ch)
+        inv = np.float64(invstd[ch])
+        mu = np.float64(mean[ch])
+        coef = np.empty(5, x.dtype)  # a, b, mean, p, q rounded to x's dtype
+        coef[0], coef[1], coef[2] = a64, b64, mu
+        buf = np.empty(_CHUNK, x.dtype)
+        if need_sums:
+            sg = 0.0
+            sgx = 0.0
+            for i in range(n):
+                for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
+                    j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
+                    xr = x[j0:j1]
+                    g = _grad(dy[j0:j1], xr, z[j0:j1], buf, coef[0], coef[1], has_z, code, k)
+                    for j in range(j1 - j0):
+                        sg += g[j]
+                        sgx += g[j] * (np.float64(xr[j]) - mu)
+            sums[0, ch], sums[1, ch] = sg, sgx * inv
+        if write_dx or write_dz:
+            coef[3], coef[4] = _dx_coefficients(a64, inv, np.float64(sums[0, ch]),
+                                                np.float64(sums[1, ch]), np.float64(count[ch]),
+                                                training)
+            for i in range(n):
+                for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
+                    j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
+                    g = _grad(dy[j0:j1], x[j0:j1], z[j0:j1], buf, coef[0], coef[1], has_z, code,
+                              k)
+                    if write_dz:
+                        dz[j0:j1] = g
+                    if write_dx:
+                        _grad_input(g, x[j0:j1], dx[j0:j1], coef[0], coef[2], coef[3], coef[4])
+
+
+# ---- layout "rows": x is flat (P*C,), row r holds channels x[r*C : r*C + C] ------------------
+# Rows are split into chunks, one per parallel iteration, and each kernel has two phases: per-chunk
+# partial sums (all sharing the shift x[0, :], so adding them is the exact merge), then the
+# elementwise pass. The second read of x comes from L3 when the tensor fits (32 MB here).
+
+@njit(**_FLAGS)
+def _row_chunks(p, c):
+    """Rows per parallel chunk (about _ROWS_CHUNK values, at least one row) and chunk count."""
+    rows = max(1, _ROWS_CHUNK // c)
+    return rows, (p + rows - 1) // rows
+
+
+@njit(parallel=True, **_FLAGS)
+def _rows_stats(x, p, c, eps, st):
+    """st = (count, mean, m2, 1/sqrt(m2/P + eps)) per channel, formulas as `_nchw_stats`, shift
+    x[0, :]."""
+    rows, chunks = _row_chunks(p, c)
+    shift = x[:c].astype(np.float64)
+    s1 = np.zeros((chunks, c), np.float64)
+    s2 = np.zeros((chunks, c), np.float64)
+    for t in prange(chunks):
+        a1, a2 = s1[t], s2[t]
+        for r in range(t * rows, min(p, (t + 1) * rows)):
+            xr = x[r * c:(r + 1) * c]
+            for j in range(c):
+                d = xr[j] - shift[j]
+                a1[j] += d
+                a2[j] += d * d
+    t1 = s1.sum(axis=0)
+    t2 = s2.sum(axis=0)
+    for j in range(c):
+        sq = t2[j] - t1[j] * t1[j] / p
+        sq = 0.0 if sq < 0.0 else sq
+        st[0, j], st[1, j], st[2, j], st[3, j] = p, shift[j] + t1[j] / p, sq, 1.0 / np.sqrt(
+            sq / p + eps)
+
+
+@njit(**_FLAGS)
+def _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, like):
+    """(C,) arrays a, b of `_coefficients`, rounded to like's dtype."""
+    c = mean.shape[0]
+    a = np.empty(c, like.dtype)
+    b = np.empty(c, like.dtype)
+    for j in range(c):
+        a[j], b[j] = _coefficients(mean, invstd, weight, bias, has_w, has_b, j)
+    return a, b
+
+
+@njit(parallel=True, **_FLAGS)
+def _rows_normalize(x, z, y, p, c, a, b, has_z, code, k):
+    """y = act(a*x + b (+ z)) with (C,) coefficients, a chunk of whole rows per iteration."""
+    rows, chunks = _row_chunks(p, c)
+    for t in prange(chunks):
+        j0, j1 = t * rows * c, min(p, (t + 1) * rows) * c
+        yr = y[j0:j1]
+        for r in range(0, j1 - j0, c):
+            _affine(x[j0 + r:j0 + r + c], z[j0 + r:j0 + r + c], yr[r:r + c], a, b, has_z)
+        _activate(yr, code, k)
+
+
+def _rows_stats_kernel(x, p, c, eps, st):
+    # x: (P*C,) flat rows; st: (4, C) output rows count, mean, m2, invstd = 1/sqrt(m2/P + eps)
+    _rows_stats(x, p, c, eps, st)
+
+
+def _rows_train_forward_kernel(x, z, y, p, c, weight, bias, has_w, has_b, has_z, eps, code, kv,
+                               st):
+    # x, z, y: (P*C,) flat rows (z ignored unless has_z); weight, bias: (C,) (ignored unless
+    # has_w/has_b); kv: (8,) epilogue constants; st: (4, C) output rows count, mean, m2, invstd.
+    # invstd = 1/sqrt(m2/P + eps); y = act(weight*(x - mean)*invstd + bias (+ z))
+    _rows_stats(x, p, c, eps, st)
+    a, b = _rows_coefficients(st[1], st[3], weight, bias, has_w, has_b, x)
+    _rows_normalize(x, z, y, p, c, a, b, has_z, code, _unpack(kv))
+
+
+def _rows_forward_kernel(x, z, y, p, c, mean, invstd, weight, bias, has_w, has_b, has_z, code,
+                         kv):
+    # x, z, y: (P*C,) flat rows; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants.
+    # y = act(weight*(x - mean)*invstd + bias (+ z))
+    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
+    _rows_normalize(x, z, y, p, c, a, b, has_z, code, _unpack(kv))
+
+
+def _rows_backward_kernel(dy, x, z, dx, dz, p, c, mean, invstd, weight, bias, has_w, has_b,
+                          has_z, code, kv, training, count, sums, need_sums, write_dx, write_dz):
+    # dy, x, z, dx, dz: (P*C,) flat rows; mean, invstd, weight, bias, count: (C,);
+    # sums: (2, C) rows sum(g), sum(g*x_hat): outputs when need_sums, else inputs.
+    # g = dy*act'(pre); dx = a*(g - sum(g)/M - x_hat*sum(g*x_hat)/M) (training) or a*g (eval)
+    k = _unpack(kv)
+    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
+    mu = mean.astype(x.dtype)
+    mu64 = mean.astype(np.float64)
+    rows, chunks = _row_chunks(p, c)
+    if need_sums:
+        pg = np.zeros((chunks, c), np.float64)
+        pgx = np.zeros((chunks, c), np.float64)
+        for t in prange(chunks):
+            buf = np.empty(c, x.dtype)
+            ag, agx = pg[t], pgx[t]
+            for r in range(t * rows * c, min(p, (t + 1) * rows) * c, c):
+                xr = x[r:r + c]
+                g = _grad(dy[r:r + c], xr, z[r:r + c], buf, a, b, has_z, code, k)
+                for j in range(c):
+                    ag[j] += g[j]
+                    agx[j] += g[j] * (np.float64(xr[j]) - mu64[j])
+        tg = pg.sum(axis=0)
+        tgx = pgx.sum(axis=0)
+        for j in range(c):
+            sums[0, j], sums[1, j] = tg[j], tgx[j] * invstd[j]
+    if write_dx or write_dz:
+        pp = np.empty(c, x.dtype)
+        qq = np.empty(c, x.dtype)
+        for j in range(c):
+            pp[j], qq[j] = _dx_coefficients(np.float64(a[j]), np.float64(invstd[j]),
+                                            np.float64(sums[0, j]), np.float64(sums[1, j]),
+                                            np.float64(count[j]), training)
+        for t in prange(chunks):
+            buf = np.empty(c, x.dtype)
+            for r in range(t * rows * c, min(p, (t + 1) * rows) * c, c):
+                g = _grad(dy[r:r + c], x[r:r + c], z[r:r + c], buf, a, b, has_z, code, k)
+                if write_dz:
+                    dz[r:r + c] = g
+                if write_dx:
+                    _grad_input(g, x[r:r + c], dx[r:r + c], a, mu, pp, qq)
+
+
+# ---- host side: layout, threads, and the four functions of the kernel interface ------------
+# Small batches are overhead-bound (torch.nn's BatchNorm1d step on (100, 100) takes ~130 us), so
+# the host code makes as few torch calls as it can: one allocation for all per-channel outputs,
+# numpy views instead of reshapes, no dtype conversions when none is needed.
+
+_SOURCES = {f.__name__[1:-len("_kernel")]: f for f in (
+    _nchw_stats_kernel, _nchw_train_forward_kernel, _nchw_forward_kernel, _nchw_backward_kernel,
+    _rows_stats_kernel, _rows_train_forward_kernel, _rows_forward_kernel, _rows_backward_kernel)}
+_compiled: dict = {}
+_launch_lock = threading.Lock()
+_numba_threads = threading.local()
+_pool_pid: int | None = None
+_ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
+# Below this many values a parallel launch (a barrier that needs the other core scheduled) costs
+# more than the second core saves.
+_PARALLEL_MIN_NUMEL = 1 << 16
+
+
+def supports(x: Tensor) -> bool:
+    """Whether these kernels take `x`: a non-empty dense fp32/fp64 CPU tensor, contiguous or
+    channels-last, in a process that may use Numba's thread pool (see `_launch`)."""
+    if x.device.type != "cpu" or x.dtype not in _ACC or x.numel() == 0:
+        return False
+    if _pool_pid is not None and _pool_pid != os.getpid():
+        return False
+    if x.is_contiguous():
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
+    return fmt is not None and x.is_contiguous(memory_format=fmt)
+
+
+def _layout(x: Tensor) -> tuple[str, tuple[int, ...]]:
+    """("nchw", (N, C, S)) or ("rows", (P, C)): how the flat memory of `x` is walked."""
+    c = x.shape[1]
+    numel = x.numel()
+    if numel == x.shape[0] * c or not x.is_contiguous():
+        return "rows", (numel // c, c)
+    return "nchw", (x.shape[0], c, numel // (x.shape[0] * c))
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    """The memory of a dense tensor as a 1-d array in memory order (a view: kernels write it)."""
+    return t.detach().numpy().ravel(order="K")
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """`t` with x's dtype and strides, so one flat index addresses the same element in both
+    (a gradient or residual may arrive in another memory format, or expanded)."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+def _vector(t: Tensor, acc: torch.dtype) -> np.ndarray:
+    t = t.detach()
+    return (t if t.dtype == acc else t.to(acc)).numpy()
+
+
+def _optional(t: Tensor | None, acc: torch.dtype, absent: np.ndarray) -> np.ndarray:
+    """(C,) parameter in the accumulation dtype; an absent one is replaced by `absent` (same
+    type, ignored by the kernel) so that absence does not create another specialization."""
+    return absent if t is None else _vector(t, acc)
+
+
+_constants: dict = {}
+
+
+def _epilogue_constants(dtype: np.dtype, slope: float) -> np.ndarray:
+    key = (dtype, slope)
+    kv = _constants.get(key)
+    if kv is None:
+        kv = _constants[key] = np.array(
+            [slope, 0.5, 1.0, math.sqrt(2.0 / math.pi), 0.044715, 2.0, 0.0, 3 * 0.044715], dtype)
+    return kv
+
+
+def _launch(name: str, numel: int, *args) -> None:
+    """Run kernel `name` on torch's thread count (one thread for small tensors), leaving torch's
+    setting as it was.
+
+    GNU OpenMP (Numba's threading layer where TBB is absent) aborts a forked child whose parent
+    started the pool, so the first launch records the pid and `supports` sends forked children
+    (fork-based DataLoader workers) to the native path.
+    """
+    global _pool_pid
+    kernel = _compiled.get(name)
+    if kernel is None:
+        kernel = _compiled[name] = njit(parallel=True, **_FLAGS)(_SOURCES[name])
+    threads = torch.get_num_threads()
+    wanted = max(1, min(threads if numel >= _PARALLEL_MIN_NUMEL else 1,
+                        numba.config.NUMBA_NUM_THREADS))
+    with _launch_lock:
+        _pool_pid = os.getpid()
+        # Numba's thread count is per calling thread; remembering it saves a 2 us query a call.
+        if getattr(_numba_threads, "n", None) != wanted:
+            numba.set_num_threads(wanted)
+            _numba_threads.n = wanted
+        kernel(*args)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel (count, mean, m2) of a non-empty (N, C, *spatial) tensor; see the module
+    docstring for the numerics."""
+    kind, dims = _layout(x)
+    st = torch.empty((4, x.shape[1]), dtype=_ACC[x.dtype])
+    _launch(kind + "_stats", x.numel(), _flat(x), *dims, 1.0, st.numpy())
+    count, mean, m2, _ = st.unbind(0)
+    return count, mean, m2
+
+
+def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tensor | None,
+                  eps: float, act: str, act_param: float
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Statistics and normalization in one kernel. Returns (y, count, mean, m2, invstd)."""
+    acc = _ACC[x.dtype]
+    kind, dims = _layout(x)
+    y = torch.empty_like(x)
+    st = torch.empty((4, x.shape[1]), dtype=acc)
+    st_np = st.numpy()
+    xf = _flat(x)
+    _launch(kind + "_train_forward", x.numel(), xf, xf if z is None else _flat(_like(z, x)),
+            _flat(y), *dims, _optional(weight, acc, st_np[0]), _optional(bias, acc, st_np[0]),
+            weight is not None, bias is not None, z is not None, float(eps), ACT_CODES[act],
+            _epilogue_constants(xf.dtype, act_param), st_np)
+    return (y,) + st.unbind(0)
+
+
+def forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+            z: Tensor | None, act: str, act_param: float) -> Tensor:
+    """y = act(weight * (x - mean) * invstd + bias (+ z)) with the given statistics."""
+    acc = _ACC[x.dtype]
+    kind, dims = _layout(x)
+    y = torch.empty_like(x)
+    mean_np = _vector(mean, acc)
+    xf = _flat(x)
+    _launch(kind + "_forward", x.numel(), xf, xf if z is None else _flat(_like(z, x)), _flat(y),
+            *dims, mean_np, _vector(invstd, acc), _optional(weight, acc, mean_np),
+            _optional(bias, acc, mean_np), weight is not None, bias is not None, z is not None,
+            ACT_CODES[act], _epilogue_constants(xf.dtype, act_param))
+    return y
+
+
+def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+             bias: Tensor | None, z: Tensor | None, y: Tensor | None, act: str, act_param: float,
+             training: bool, count: Tensor | None, sum_dy: Tensor | None,
+             sum_dy_xhat: Tensor | None, input_grad: bool
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Closed-form backward, (dx, dweight, dbias, dz): the formulas of `native.backward`, with
+    g = dy*act'(pre) recomputed from x (and z), so `y` is not read."""
+    acc = _ACC[x.dtype]
+    kind, dims = _layout(x)
+    c = x.shape[1]
+    dy = _like(dy, x)
+    need_sums = sum_dy is None or sum_dy_xhat is None
+    if need_sums:
+        sums = torch.empty((2, c), dtype=acc)
+    else:
+        sums = torch.stack([sum_dy.detach(), sum_dy_xhat.detach()]).to(acc)
+    dx = torch.empty_like(x) if input_grad else None
+    write_dz = z is not None and act != "identity"
+    dz = torch.empty_like(x) if write_dz else None
+    mean_np = _vector(mean, acc)
+    xf = _flat(x)
+    _launch(kind + "_backward", x.numel(), _flat(dy), xf, xf if z is None else _flat(_like(z, x)),
+            xf if dx is None else _flat(dx), _flat(dz) if write_dz else xf, *dims, mean_np,
+            _vector(invstd, acc), _optional(weight, acc, mean_np), _optional(bias, acc, mean_np),
+            weight is not None, bias is not None, z is not None, ACT_CODES[act],
+            _epilogue_constants(xf.dtype, act_param), training,
+            np.full(c, x.numel() // c, xf.dtype) if count is None else _vector(count, acc),
+            sums.numpy(), need_sums, input_grad, write_dz)
+    if need_sums:
+        sum_dy, sum_dy_xhat = sums.unbind(0)
+    if dx is None:
+        dx = x.new_empty(0)
+    if z is None:
+        dz = x.new_empty(0)
+    elif not write_dz:
+        dz = dy
+    return dx, sum_dy_xhat, sum_dy, dz if z is None or dz.dtype == z.dtype else dz.to(z.dtype)
