@@ -2,7 +2,18 @@
 
 from batchnorm import functional
 from batchnorm.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.nn import (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchRenorm1d,
+                          BatchRenorm2d, BatchRenorm3d, DomainBatchNorm1d, DomainBatchNorm2d,
+                          DomainBatchNorm3d, FrozenBatchNorm1d, FrozenBatchNorm2d,
+                          FrozenBatchNorm3d, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d,
+                          MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedBatchNorm3d, freeze, unfreeze)
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional",
+           "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+           "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+           "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
+           "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze",
+           "MaskedBatchNorm1d", "MaskedBatchNorm2d", "MaskedBatchNorm3d",
+           "DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d"]

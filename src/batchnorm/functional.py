@@ -21,8 +21,10 @@ import torch
 from torch import Tensor
 
 from batchnorm import kernels
+from batchnorm.kernels.native import merge_stats
 
-__all__ = ["batch_norm", "check_momentum", "check_eps"]
+__all__ = ["batch_norm", "batch_renorm", "ghost_batch_norm", "masked_batch_norm", "renorm_limits",
+           "check_momentum", "check_eps"]
 
 _warned_nonfinite: "weakref.WeakSet[object]" = weakref.WeakSet()
 
@@ -172,7 +174,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     if num_batches_tracked is not None:
         num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
     if momentum is None:
-        factor = (1.0 / num_batches_tracked.clamp_min(1)).to(running_mean.dtype)
+        factor = num_batches_tracked.clamp_min(1).to(running_mean.dtype).reciprocal()
     else:
         factor = momentum
     unbiased_var = (m2 / (count - 1)).to(running_var.dtype)
@@ -192,3 +194,288 @@ def _warn_nonfinite(name: str, warn_key: object | None) -> None:
         f"statistics were left unchanged; find the input with "
         f"torch.autograd.set_detect_anomaly(True) or a forward pre-hook checking "
         f"torch.isfinite(input).all()", RuntimeWarning, stacklevel=4)
+
+
+# ---- the family: variants composed from the same kernels and the same update rule -------------
+
+def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, m2) of x without gradient: the `stats` op compiled, its implementation eager
+    (no custom-op dispatch), as in `_normalize`."""
+    if torch.compiler.is_compiling():
+        return kernels.stats(x.detach())
+    return kernels.implementation(x).stats(x.detach())
+
+
+def _normalize_with_batch_stats(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+                                bias: Tensor | None) -> Tensor:
+    """Normalize with batch statistics of x computed beforehand; the backward differentiates
+    through them (training mode)."""
+    if torch.compiler.is_compiling():
+        return kernels.forward(x, mean, invstd, weight, bias, None, "identity", 0.0, True)
+    return kernels.BatchStatsNormFunction.apply(x, weight, bias, None, mean, invstd, 0.0,
+                                                "identity", 0.0)
+
+
+def _check_one_value(values_per_channel: int, shape: tuple[int, ...], name: str, fix: str) -> None:
+    if values_per_channel == 1:
+        raise ValueError(f"{name}: training needs more than one value per channel (got input of "
+                         f"shape {shape}); {fix}")
+
+
+def check_renorm_limits(rmax: float, dmax: float, name: str) -> None:
+    if isinstance(rmax, bool) or not isinstance(rmax, (int, float)) or not rmax >= 1:
+        raise ValueError(f"{name}: rmax must be a number >= 1 (r is clipped to [1/rmax, rmax]; "
+                         f"rmax=1 is plain batch norm), got {rmax!r}")
+    if isinstance(dmax, bool) or not isinstance(dmax, (int, float)) or not dmax >= 0:
+        raise ValueError(f"{name}: dmax must be a number >= 0 (d is clipped to [-dmax, dmax]; "
+                         f"dmax=0 is plain batch norm), got {dmax!r}")
+
+
+def check_ramp(ramp: tuple[int, int] | None, arg: str, name: str) -> None:
+    ok = ramp is None or (isinstance(ramp, (tuple, list)) and len(ramp) == 2 and all(
+        isinstance(s, int) and not isinstance(s, bool) for s in ramp) and 0 <= ramp[0] <= ramp[1])
+    if not ok:
+        raise ValueError(f"{name}: {arg} must be None (fixed limit) or a pair of training steps "
+                         f"(start, end) with 0 <= start <= end, got {ramp!r}")
+
+
+def renorm_limits(step: Tensor, rmax: float, dmax: float, rmax_ramp: tuple[int, int] | None,
+                  dmax_ramp: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+    """The clipping limits (rmax_t, dmax_t) of batch renorm at training step `step`.
+
+    rmax_t = 1 + (rmax - 1) p_r and dmax_t = dmax p_d, where p = clip((step - start) / (end -
+    start), 0, 1) for a ramp (start, end) and p = 1 for ramp None: plain batch norm until `start`,
+    the full limits from `end` on (Ioffe 2017, arXiv 1702.03275, s4: rmax 1 -> 3 over steps 5k-40k,
+    dmax 0 -> 5 over 5k-25k). Computed as tensors from the step buffer, so a compiled model does
+    not recompile as the step advances.
+    """
+    def progress(ramp):
+        if ramp is None:
+            return torch.ones((), device=step.device)
+        start, end = ramp
+        return ((step - start) / max(end - start, 1)).clamp(0.0, 1.0)
+
+    return 1.0 + (rmax - 1.0) * progress(rmax_ramp), dmax * progress(dmax_ramp)
+
+
+def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
+                 weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+                 momentum: float | None = 0.01, eps: float = 1e-5, *,
+                 rmax: float | Tensor = 3.0, dmax: float | Tensor = 5.0,
+                 num_batches_tracked: Tensor | None = None, layer_name: str | None = None,
+                 warn_key: object | None = None) -> Tensor:
+    """y = gamma * (x_hat * r + d) + beta, x_hat = (x - mu_B) / sigma_B, per channel (dim 1), with
+
+        r = clip(sigma_B / sigma, 1/rmax, rmax),   d = clip((mu_B - mu) / sigma, -dmax, dmax),
+        sigma_B = sqrt(Var_B[x] + eps),            sigma = sqrt(running_var + eps), mu = running_mean,
+
+    r and d treated as constants by the gradient (Ioffe 2017, arXiv 1702.03275, Algorithm 1).
+    Inference is batch norm on the running statistics. With rmax=1 and dmax=0 this is batch norm.
+
+    It is batch norm with weight gamma*r and bias beta + gamma*d: the batch statistics are computed
+    first (r and d need them), then one normalization whose backward differentiates through them.
+    The running statistics follow `batch_norm`'s rules (unbiased variance, M = N x spatial), so
+    they stay compatible with BatchNorm's buffers; the paper's EMA of sigma is replaced by the EMA
+    of the variance that sigma is computed from.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        num_batches_tracked, layer_name, warn_key: as in `batch_norm`; the running statistics are
+            required (r and d compare the batch with them). momentum defaults to the paper's 0.01.
+        rmax: r's clipping limit, >= 1 (a number, or a 0-dim tensor from `renorm_limits`).
+        dmax: d's clipping limit, >= 0 (likewise).
+
+    Raises:
+        ValueError: missing running statistics, rmax < 1, dmax < 0, training with one value per
+            channel, and everything `batch_norm` checks.
+    """
+    name = layer_name or "batch_renorm"
+    if running_mean is None or running_var is None:
+        raise ValueError(f"{name}: batch renorm needs running_mean and running_var (r and d compare "
+                         f"the batch statistics with them); use batch_norm without running "
+                         f"statistics")
+    # Scheduled limits arrive as tensors from `renorm_limits`, which keeps them in range.
+    check_renorm_limits(1.0 if isinstance(rmax, Tensor) else rmax,
+                        0.0 if isinstance(dmax, Tensor) else dmax, name)
+    if not training:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
+                          layer_name=name)
+    _check_input(input, {"running_mean": running_mean, "running_var": running_var,
+                         "weight": weight, "bias": bias}, name)
+    check_momentum(momentum, name)
+    check_eps(eps, name)
+    if input.numel() == 0:
+        return input.clone()
+    _check_one_value(input.numel() // input.shape[1], _shape(input), name,
+                     "use eval mode or GroupNorm for batch size 1")
+    count, mean, m2 = _batch_stats(input)
+    var = m2 / count
+    invstd = torch.rsqrt(var + eps)
+    with torch.no_grad():
+        rmax = torch.as_tensor(rmax, dtype=mean.dtype, device=mean.device)
+        dmax = torch.as_tensor(dmax, dtype=mean.dtype, device=mean.device)
+        sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+        r = torch.clamp(torch.sqrt(var + eps) / sigma, 1.0 / rmax, rmax)
+        d = torch.clamp((mean - running_mean.to(mean.dtype)) / sigma, -dmax, dmax)
+    renorm_weight = r if weight is None else weight * r
+    renorm_bias = d if weight is None else weight * d
+    renorm_bias = renorm_bias if bias is None else renorm_bias + bias
+    y = _normalize_with_batch_stats(input, mean, invstd, renorm_weight, renorm_bias)
+    update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
+                         name, warn_key)
+    return y
+
+
+def virtual_batch_sizes(batch_size: int, virtual_batch_size: int, values_per_sample: int
+                        ) -> list[int]:
+    """The chunk sizes ghost batch norm splits a batch into: `virtual_batch_size` samples each,
+    the last chunk holding the remainder; a remainder of one value per channel (one sample, no
+    spatial dimensions) joins the chunk before it, since it has no variance of its own."""
+    sizes = [virtual_batch_size] * (batch_size // virtual_batch_size)
+    remainder = batch_size % virtual_batch_size
+    if remainder:
+        if remainder * values_per_sample == 1 and sizes:
+            sizes[-1] += remainder
+        else:
+            sizes.append(remainder)
+    return sizes
+
+
+def check_virtual_batch_size(virtual_batch_size: int, name: str) -> None:
+    if (isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int)
+            or virtual_batch_size <= 0):
+        raise ValueError(f"{name}: virtual_batch_size must be a positive int (samples per ghost "
+                         f"batch), got {virtual_batch_size!r}")
+
+
+def ghost_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                     weight: Tensor | None = None, bias: Tensor | None = None,
+                     training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5, *,
+                     virtual_batch_size: int, num_batches_tracked: Tensor | None = None,
+                     layer_name: str | None = None, warn_key: object | None = None) -> Tensor:
+    """y_k = gamma * (x_k - E[x_k]) / sqrt(Var[x_k] + eps) + beta for each virtual batch x_k.
+
+    The batch is split along dim 0 into chunks of `virtual_batch_size` samples (see
+    `virtual_batch_sizes` for the last, smaller chunk), each normalized with its own statistics
+    (Hoffer, Hubara & Soudry 2017, arXiv 1705.08741, "ghost batch normalization"). The running
+    statistics are updated once per call with the chunks' (count, mean, m2) merged by Chan's
+    formula, i.e. weighted by each chunk's count: they are the statistics of the whole batch, so
+    a model trained with ghost batches is evaluated like one trained with BatchNorm. Eval with
+    running statistics is plain batch norm and never needs the batch to divide evenly. With
+    virtual_batch_size >= N this is `batch_norm`.
+
+    Args:
+        virtual_batch_size: samples per ghost batch, > 0.
+        The others: as in `batch_norm`.
+
+    Raises:
+        ValueError: virtual_batch_size <= 0, a chunk with one value per channel, and everything
+            `batch_norm` checks.
+    """
+    name = layer_name or "ghost_batch_norm"
+    check_virtual_batch_size(virtual_batch_size, name)
+    if not (training or running_mean is None):
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
+                          layer_name=name)
+    _check_input(input, {"running_mean": running_mean, "running_var": running_var,
+                         "weight": weight, "bias": bias}, name)
+    check_momentum(momentum, name)
+    check_eps(eps, name)
+    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+    if input.numel() == 0:
+        return input.clone()
+    values_per_sample = input[0, 0].numel()
+    sizes = virtual_batch_sizes(input.shape[0], virtual_batch_size, values_per_sample)
+    outputs, partials = [], []
+    for chunk in input.split(sizes):
+        _check_one_value(chunk.numel() // chunk.shape[1], _shape(chunk), name,
+                         "use a larger virtual_batch_size or eval mode")
+        y, count, mean, m2 = _normalize(chunk, weight, bias, None, None, None, eps, "identity", 0.0)
+        outputs.append(y)
+        partials.append((count, mean, m2))
+    if training and running_mean is not None:
+        count, mean, m2 = merge_stats(*(torch.stack(p) for p in zip(*partials)))
+        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+                             momentum, name, warn_key)
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _broadcast_mask(mask: Tensor, input: Tensor, name: str) -> Tensor:
+    """The mask broadcast to the input's batch and spatial shape (N, *spatial)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"{name}: mask must be a bool tensor (True = a valid position), got {got}; "
+                        f"convert it with mask.bool()")
+    target = (input.shape[0],) + tuple(input.shape[2:])
+    try:
+        shape = torch.broadcast_shapes(mask.shape, target)
+    except RuntimeError:
+        shape = None
+    if shape != torch.Size(target):
+        raise ValueError(f"{name}: mask must be broadcastable to the input's batch and spatial shape "
+                         f"(N, *spatial) = {target} (it has no channel dimension), got shape "
+                         f"{_shape(mask)}")
+    if mask.device != input.device:
+        raise ValueError(f"{name}: mask is on {mask.device} but the input is on {input.device}")
+    return mask.expand(target)
+
+
+def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor | None,
+                      running_var: Tensor | None, weight: Tensor | None = None,
+                      bias: Tensor | None = None, training: bool = False,
+                      momentum: float | None = 0.1, eps: float = 1e-5, *,
+                      num_batches_tracked: Tensor | None = None, layer_name: str | None = None,
+                      warn_key: object | None = None) -> Tensor:
+    """y = gamma * (x - E_m[x]) / sqrt(Var_m[x] + eps) + beta where mask is True, 0 where False.
+
+    E_m and Var_m run over the valid positions only (M = number of True entries of the mask
+    broadcast to (N, *spatial)), so padding neither enters the statistics nor receives gradient:
+    the result equals batch norm on the unpadded values, and the running statistics are updated
+    from them. mask=None is `batch_norm`. Masked statistics for variable-length sequences follow
+    e.g. Shen et al. 2020 (PowerNorm, arXiv 2003.07845, s3).
+
+    The valid positions are gathered into an (M, C) batch that goes through the batch-norm kernels
+    and scattered back, so the normalization math is batch norm's own. Under torch.compile the
+    gather has a data-dependent size, which the custom ops support.
+
+    Args:
+        mask: bool, broadcastable to (N, *spatial) (no channel dimension), True = valid.
+        The others: as in `batch_norm`.
+
+    Raises:
+        TypeError: a mask that is not a bool tensor.
+        ValueError: a mask of the wrong shape or device, one valid value per channel in
+            training, and everything `batch_norm` checks.
+    """
+    name = layer_name or "masked_batch_norm"
+    if mask is None:
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          num_batches_tracked=num_batches_tracked, layer_name=name,
+                          warn_key=warn_key)
+    _check_input(input, {"running_mean": running_mean, "running_var": running_var,
+                         "weight": weight, "bias": bias}, name)
+    mask = _broadcast_mask(mask, input, name)
+    if not (training or running_mean is None):
+        y = batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
+                       layer_name=name)
+        return torch.where(mask.unsqueeze(1), y, 0.0)
+    check_momentum(momentum, name)
+    check_eps(eps, name)
+    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+    channels_last = input.movedim(1, -1)
+    valid = channels_last[mask]
+    if not torch.compiler.is_compiling():
+        # Data-dependent checks; compiled, an all-padding batch gives non-finite statistics, which
+        # the update rule already ignores.
+        if valid.shape[0] == 0:
+            return torch.zeros_like(input)
+        _check_one_value(valid.shape[0], _shape(input), name,
+                         "the mask leaves one valid position; use eval mode for it")
+    y, count, mean, m2 = _normalize(valid, weight, bias, None, None, None, eps, "identity", 0.0)
+    if training and running_mean is not None:
+        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+                             momentum, name, warn_key)
+    out = torch.zeros_like(channels_last).masked_scatter(mask.unsqueeze(-1), y)
+    return out.movedim(-1, 1)

@@ -103,3 +103,57 @@ def activate(pre: Tensor, act: str, act_param: float = 0.01) -> Tensor:
     if act == "gelu_tanh":
         return 0.5 * pre * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (pre + 0.044715 * pre**3)))
     raise ValueError(f"unknown activation {act!r}")
+
+
+# ---- the family: each variant from its definition, float64, differentiable with autograd ------
+
+def _per_channel_or(v: Tensor | None, ndim: int, default: float):
+    return _per_channel(v, ndim) if v is not None else default
+
+
+def batch_renorm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                       running_mean: Tensor, running_var: Tensor, eps: float, rmax: float,
+                       dmax: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch renorm, Ioffe 2017 (arXiv 1702.03275), Algorithm 1; returns (y, mean_B, var_B):
+
+        sigma_B = sqrt(var_B + eps),  sigma = sqrt(running_var + eps)
+        r = stop_gradient(clip(sigma_B / sigma, 1/rmax, rmax))
+        d = stop_gradient(clip((mu_B - running_mean) / sigma, -dmax, dmax))
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+    """
+    mean, var = batch_stats(x)
+    sigma_b = torch.sqrt(var + eps)
+    sigma = torch.sqrt(running_var.double() + eps)
+    r = torch.clamp(sigma_b / sigma, 1 / rmax, rmax).detach()
+    d = torch.clamp((mean - running_mean.double()) / sigma, -dmax, dmax).detach()
+    x_hat = (x.double() - _per_channel(mean, x.ndim)) / _per_channel(sigma_b, x.ndim)
+    x_renorm = x_hat * _per_channel(r, x.ndim) + _per_channel(d, x.ndim)
+    y = _per_channel_or(weight, x.ndim, 1.0) * x_renorm + _per_channel_or(bias, x.ndim, 0.0)
+    return y, mean, var
+
+
+def ghost_batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                           sizes: list[int]) -> Tensor:
+    """Ghost batch norm, Hoffer et al. 2017 (arXiv 1705.08741): batch norm of each chunk of
+    `sizes[k]` consecutive samples with that chunk's own statistics."""
+    return torch.cat([batch_norm_train(chunk, weight, bias, eps)[0] for chunk in x.split(sizes)])
+
+
+def masked_batch_stats(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel (count, mean, biased variance) over the positions where `mask` (broadcast to
+    (N, *spatial)) is True, as weighted sums: sum(m x) / sum(m), sum(m (x - mean)^2) / sum(m)."""
+    m = mask.expand((x.shape[0],) + tuple(x.shape[2:])).unsqueeze(1).double()
+    dims = [0] + list(range(2, x.ndim))
+    count = m.sum(dims).expand(x.shape[1])
+    mean = (m * x.double()).sum(dims) / count
+    var = (m * (x.double() - _per_channel(mean, x.ndim)) ** 2).sum(dims) / count
+    return count, mean, var
+
+
+def masked_batch_norm_train(x: Tensor, mask: Tensor, weight: Tensor | None,
+                            bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch norm over the valid positions only, 0 at padded ones; returns (y, mean, var)."""
+    _, mean, var = masked_batch_stats(x, mask)
+    y = normalize(x, mean, var, weight, bias, eps)
+    m = mask.expand((x.shape[0],) + tuple(x.shape[2:])).unsqueeze(1)
+    return torch.where(m, y, 0.0), mean, var

@@ -166,3 +166,23 @@ class BatchNormFunction(torch.autograd.Function):
             dy, x, mean, invstd, weight, bias, z, y, ctx.act, ctx.act_param, ctx.training,
             None, None, None, needs[0])
         return _grads_for_inputs(needs, (1, 2, 3), weight, bias, dx, dweight, dbias, dz) + (None,) * 5
+
+
+class BatchStatsNormFunction(BatchNormFunction):
+    """Eager training-mode batch norm whose batch statistics were computed beforehand.
+
+    Batch renorm needs the batch statistics before it normalizes (its weight and bias are adjusted
+    by r and d, which depend on them), so the fused stats-and-normalize of `BatchNormFunction`
+    does not fit. This normalizes with the given `mean`/`invstd` of `x` and, like the `forward` op
+    with training=True, differentiates through them as batch statistics in the backward (the
+    inherited one). `eps` is unused: it keeps `BatchNormFunction`'s argument order, so the
+    backward's gradient slots stay the same.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, z, mean, invstd, eps, act, act_param):
+        y = implementation(x).forward(x, mean, invstd, weight, bias, z, act, act_param)
+        ctx.save_for_backward(x, mean, invstd, weight, bias, z,
+                              y if act in OUTPUT_SAVING_ACTIVATIONS else None)
+        ctx.act, ctx.act_param, ctx.training = act, act_param, True
+        return y

@@ -47,7 +47,9 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel (count, mean, m2) of a non-empty (N, C, *spatial) tensor.
 
     Shifted sums per sample (the shift is the channel's first element, which keeps sum(d^2) -
-    sum(d)^2/S free of cancellation when |mean| >> std), then Chan's merge across the N samples.
+    sum(d)^2/S free of cancellation when |mean| >> std), then Chan's merge across the N samples,
+    still in shifted coordinates: a per-sample mean of ~1e4 rounded to fp32 would lose the spread
+    between samples that the merge needs.
     """
     acc = accumulation_dtype(x.dtype)
     n, c = x.shape[0], x.shape[1]
@@ -57,10 +59,9 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     d = per_sample.to(acc) - shift[None, :, None]
     s1 = d.sum(dim=2)
     s2 = (d * d).sum(dim=2)
-    sample_mean = shift + s1 / s
     sample_m2 = (s2 - s1 * s1 / s).clamp_min(0)
-    sample_count = torch.full_like(s1, s)
-    return merge_stats(sample_count, sample_mean, sample_m2, dim=0)
+    count, shifted_mean, m2 = merge_stats(torch.full_like(s1, s), s1 / s, sample_m2, dim=0)
+    return count, shift + shifted_mean, m2
 
 
 def scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None

@@ -17,6 +17,7 @@ Args (all layers):
     momentum: running-statistics EMA factor in [0, 1], or None for a cumulative average.
         Default 0.1.
     affine: learnable per-channel gamma (init 1) and beta (init 0). Default True.
+    bias: with affine, whether beta is learned (keyword-only, torch >= 2.13). Default True.
     track_running_stats: keep running_mean/running_var/num_batches_tracked buffers and use them in
         eval; when False, batch statistics are used in both modes. Default True.
     device, dtype: of the parameters and buffers.
@@ -42,14 +43,17 @@ class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None) -> None:
+                 dtype=None, *, bias: bool = True) -> None:
         name = f"{type(self).__name__}({num_features!r})"
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got "
                              f"{num_features!r}")
         F.check_eps(eps, name)
         F.check_momentum(momentum, name)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        # torch < 2.13 has no `bias` argument: pass it only when it changes something.
+        extra = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **extra)
 
     @property
     def layer_name(self) -> str:
@@ -61,12 +65,16 @@ class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"{self.layer_name}: expected {ranks} input (got {input.ndim}D input "
                              f"of shape {tuple(input.shape)})")
 
+    def _stats_buffers(self) -> tuple[Tensor | None, Tensor | None]:
+        """The running statistics to normalize with: None in training without tracking, which
+        (as in torch.nn) means batch statistics in both modes."""
+        use_running = not self.training or self.track_running_stats
+        return (self.running_mean, self.running_var) if use_running else (None, None)
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        use_running = not self.training or self.track_running_stats
         return F.batch_norm(
-            input, self.running_mean if use_running else None,
-            self.running_var if use_running else None, self.weight, self.bias, self.training,
+            input, *self._stats_buffers(), self.weight, self.bias, self.training,
             self.momentum, self.eps, num_batches_tracked=self.num_batches_tracked,
             layer_name=self.layer_name, warn_key=self)
 
@@ -87,3 +95,92 @@ class BatchNorm3d(BatchNormBase, torch.nn.BatchNorm3d):
     """Batch norm over (N, C, D, H, W) input; see the module docstring."""
 
     _input_ranks = (5,)
+
+
+# ---- batch norm + activation (+ residual), one fused kernel call ----------------------------
+
+# Names of the fused epilogues (kernels.ACTIVATIONS) and their aliases: one flat registry.
+ACTIVATION_NAMES = {"identity": "identity", "none": "identity", "relu": "relu",
+                    "leaky_relu": "leaky_relu", "silu": "silu", "swish": "silu",
+                    "gelu_tanh": "gelu_tanh"}
+
+
+def resolve_activation(act, negative_slope: float, name: str) -> tuple[str, float]:
+    """(kernel activation name, negative slope) for `act`: a name of `ACTIVATION_NAMES`, None, or
+    an nn.ReLU / LeakyReLU / SiLU / GELU(approximate="tanh") / Identity module or class."""
+    if isinstance(act, type) and issubclass(act, torch.nn.Module):
+        act = act()
+    if act is None:
+        return "identity", negative_slope
+    if isinstance(act, str):
+        if act not in ACTIVATION_NAMES:
+            raise ValueError(f"{name}: unknown activation {act!r}; use one of "
+                             f"{', '.join(ACTIVATION_NAMES)}")
+        resolved = ACTIVATION_NAMES[act]
+    elif isinstance(act, torch.nn.LeakyReLU):
+        resolved, negative_slope = "leaky_relu", act.negative_slope
+    elif isinstance(act, torch.nn.GELU) and act.approximate == "tanh":
+        resolved = "gelu_tanh"
+    elif isinstance(act, (torch.nn.Identity, torch.nn.ReLU, torch.nn.SiLU)):
+        resolved = {torch.nn.Identity: "identity", torch.nn.ReLU: "relu",
+                    torch.nn.SiLU: "silu"}[type(act)]
+    else:
+        raise ValueError(f"{name}: activation {act!r} has no fused kernel; use one of "
+                         f"{', '.join(ACTIVATION_NAMES)} (or nn.ReLU, nn.LeakyReLU, nn.SiLU, "
+                         f"nn.GELU(approximate='tanh'), nn.Identity), or apply it after a "
+                         f"BatchNorm layer")
+    # relu/leaky_relu backward reads act'(pre) from the output's sign, which needs slope >= 0.
+    if resolved == "leaky_relu" and not (isinstance(negative_slope, (int, float))
+                                         and negative_slope >= 0):
+        raise ValueError(f"{name}: negative_slope must be a number >= 0, got {negative_slope!r}")
+    return resolved, float(negative_slope)
+
+
+class BatchNormActBase(BatchNormBase):
+    """y = act(gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta (+ residual)), one fused kernel.
+
+    Batch norm (Ioffe & Szegedy 2015, arXiv 1502.03167) followed by an activation, with an
+    optional residual added before it (the ResNet block's `relu(bn(conv(x)) + shortcut)`). The
+    layer has exactly BatchNorm's parameters and buffers, so weights trained with a separate
+    BatchNorm and activation load unchanged (timm's `BatchNormAct2d` makes the same choice).
+
+    Args:
+        act: "relu" (default), "leaky_relu", "silu" ("swish"), "gelu_tanh", "identity" ("none"),
+            None, or the matching torch.nn module (instance or class); anything else raises
+            ValueError, since it has no fused kernel.
+        negative_slope: leaky_relu's slope, >= 0 (taken from an nn.LeakyReLU if one is given).
+        The others: as BatchNorm (see the module docstring).
+
+    Shape: forward(input, residual=None), residual shaped like input; output shaped like input.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, act="relu", negative_slope: float = 0.01) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.activation, self.negative_slope = resolve_activation(act, negative_slope,
+                                                                  self.layer_name)
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
+        return F.batch_norm(
+            input, *self._stats_buffers(), self.weight, self.bias, self.training,
+            self.momentum, self.eps, num_batches_tracked=self.num_batches_tracked,
+            residual=residual, activation=self.activation, negative_slope=self.negative_slope,
+            layer_name=self.layer_name, warn_key=self)
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return f"{super().extra_repr()}, act={self.activation!r}{slope}"
+
+
+class BatchNormAct1d(BatchNormActBase, BatchNorm1d):
+    """Batch norm + activation over (N, C) or (N, C, L) input; see `BatchNormActBase`."""
+
+
+class BatchNormAct2d(BatchNormActBase, BatchNorm2d):
+    """Batch norm + activation over (N, C, H, W) input; see `BatchNormActBase`."""
+
+
+class BatchNormAct3d(BatchNormActBase, BatchNorm3d):
+    """Batch norm + activation over (N, C, D, H, W) input; see `BatchNormActBase`."""

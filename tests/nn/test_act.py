@@ -1,0 +1,114 @@
+"""BatchNormAct1d/2d/3d against the float64 definition act(bn(x) + residual), and torch.nn."""
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import reference
+
+ACTS = ["identity", "relu", "leaky_relu", "silu", "gelu_tanh"]
+
+
+def _reference(x, weight, bias, residual, act, slope, eps=1e-5):
+    pre = reference.batch_norm_train(x, weight, bias, eps)[0]
+    return reference.activate(pre if residual is None else pre + residual.double(), act, slope)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_matches_reference_outputs_grads_and_running_stats(act, with_residual):
+    torch.manual_seed(0)
+    layer = batchnorm.BatchNormAct2d(3, act=act, negative_slope=0.2, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), 0
+    for _ in range(3):
+        x = (torch.randn(4, 3, 5, 7, dtype=torch.float64) * 2 + 1).requires_grad_()
+        z = torch.randn_like(x).requires_grad_() if with_residual else None
+        y = layer(x, z)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        xr = x.detach().clone().requires_grad_()
+        zr = z.detach().clone().requires_grad_() if with_residual else None
+        w = layer.weight.detach().clone().requires_grad_()
+        b = layer.bias.detach().clone().requires_grad_()
+        yr = _reference(xr, w, b, zr, act, 0.2)
+        yr.backward(dy)
+        torch.testing.assert_close(y, yr, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(x.grad, xr.grad, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(layer.weight.grad, w.grad, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(layer.bias.grad, b.grad, atol=1e-10, rtol=1e-10)
+        if with_residual:
+            torch.testing.assert_close(z.grad, zr.grad, atol=1e-10, rtol=1e-10)
+        mean, var = reference.batch_stats(x.detach())
+        rm, rv, nbt = reference.update_running_stats(rm, rv, nbt, mean, var, 4 * 5 * 7, 0.1)
+        torch.testing.assert_close(layer.running_mean, rm, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(layer.running_var, rv, atol=1e-10, rtol=1e-10)
+        layer.zero_grad()
+    layer.eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    expected = reference.activate(reference.normalize(x, rm, rv, layer.weight.detach(),
+                                                      layer.bias.detach(), 1e-5), act, 0.2)
+    torch.testing.assert_close(layer(x), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_gradcheck_fp64():
+    torch.manual_seed(1)
+    layer = batchnorm.BatchNormAct1d(3, act="silu", track_running_stats=False,
+                                     dtype=torch.float64)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, z: layer(x, z), (x, z))
+
+
+def test_state_dict_is_batchnorms_and_loads_both_ways():
+    plain = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    plain.train()(torch.randn(8, 4, 3, 3))
+    fused = batchnorm.BatchNormAct2d(4, act=torch.nn.ReLU())
+    fused.load_state_dict(plain[0].state_dict())
+    assert fused.state_dict().keys() == plain[0].state_dict().keys()
+    x = torch.randn(8, 4, 3, 3)
+    torch.testing.assert_close(fused.eval()(x), plain.eval()(x))
+    torch.nn.BatchNorm2d(4).load_state_dict(fused.state_dict())
+
+
+@pytest.mark.parametrize("act, expected", [
+    (torch.nn.ReLU(), "relu"), (torch.nn.ReLU, "relu"), (torch.nn.SiLU(), "silu"),
+    ("swish", "silu"), (None, "identity"), (torch.nn.Identity(), "identity"),
+    (torch.nn.GELU(approximate="tanh"), "gelu_tanh"), (torch.nn.LeakyReLU(0.3), "leaky_relu")])
+def test_act_by_name_module_or_class(act, expected):
+    layer = batchnorm.BatchNormAct1d(2, act=act)
+    assert layer.activation == expected
+    if expected == "leaky_relu":
+        assert layer.negative_slope == 0.3
+
+
+def test_matches_torch_nn_sequence_fp32():
+    torch.manual_seed(2)
+    ours = batchnorm.BatchNormAct3d(3, act="leaky_relu", negative_slope=0.1)
+    theirs = torch.nn.BatchNorm3d(3)
+    x = torch.randn(2, 3, 3, 4, 5, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y = ours(x)
+    y2 = torch.nn.functional.leaky_relu(theirs(x2), 0.1)
+    torch.testing.assert_close(y, y2)
+    y.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_errors_name_layer_and_fix():
+    with pytest.raises(ValueError, match=r"BatchNormAct2d\(4\): unknown activation 'tanh'.*relu"):
+        batchnorm.BatchNormAct2d(4, act="tanh")
+    with pytest.raises(ValueError, match=r"no fused kernel.*after a BatchNorm layer"):
+        batchnorm.BatchNormAct2d(4, act=torch.nn.Tanh())
+    with pytest.raises(ValueError, match=r"no fused kernel"):
+        batchnorm.BatchNormAct2d(4, act=torch.nn.GELU())
+    with pytest.raises(ValueError, match=r"negative_slope must be a number >= 0, got -0.1"):
+        batchnorm.BatchNormAct2d(4, act="leaky_relu", negative_slope=-0.1)
+    with pytest.raises(ValueError, match=r"residual must have the input's shape"):
+        batchnorm.BatchNormAct2d(4)(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 2))
+    with pytest.raises(ValueError, match=r"BatchNormAct2d\(4\): expected 4D input \(got 3D"):
+        batchnorm.BatchNormAct2d(4)(torch.randn(2, 4, 3))

@@ -1,0 +1,134 @@
+"""functional.batch_norm: the running-statistics rules, numerics and the float64 reference."""
+
+import warnings
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import functional as F, reference
+from batchnorm.kernels import native
+from tests.conftest import assert_close_scaled
+
+
+def test_reference_forward_and_backward_match_autograd_of_torch_in_float64():
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    y_torch = torch.nn.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+    dy = torch.randn_like(y_torch)
+    y_torch.backward(dy)
+    y, _, _ = reference.batch_norm_train(x.detach(), w.detach(), b.detach(), 1e-5)
+    dx, dw, db = reference.batch_norm_train_backward(dy, x.detach(), w.detach(), 1e-5)
+    for ours, theirs in [(y, y_torch), (dx, x.grad), (dw, w.grad), (db, b.grad)]:
+        assert_close_scaled(ours, theirs, 1e-12)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+def test_running_statistics_follow_the_reference_update_rule(momentum):
+    running_mean, running_var = torch.zeros(4), torch.ones(4)
+    tracked = torch.tensor(0)
+    ref_mean, ref_var, ref_tracked = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), 0
+    for step in range(4):
+        x = torch.randn(6 + step, 4, 3) * (step + 1) + step
+        F.batch_norm(x, running_mean, running_var, training=True, momentum=momentum,
+                     num_batches_tracked=tracked)
+        mean, var = reference.batch_stats(x)
+        ref_mean, ref_var, ref_tracked = reference.update_running_stats(
+            ref_mean, ref_var, ref_tracked, mean, var, x.numel() // 4, momentum)
+        assert_close_scaled(running_mean, ref_mean, 1e-5, "running_mean")
+        assert_close_scaled(running_var, ref_var, 1e-5, "running_var")
+        assert tracked.item() == ref_tracked
+
+
+def _variance_relative_error(stats_fn):
+    x = (torch.randn(64, 8, 16, 16, dtype=torch.float64) * 1e-2 + 1e4).float()
+    _, var_ref = reference.batch_stats(x)
+    count, _, m2 = stats_fn(x)
+    return ((m2 / count).double() - var_ref).abs().max().item() / var_ref.min().item()
+
+
+def _textbook_stats(x):
+    """E[x^2] - E[x]^2 in fp32: the formula that loses every digit when |mean| >> std."""
+    dims = native.reduce_dims(x)
+    count = torch.full((x.shape[1],), x.numel() / x.shape[1])
+    mean = x.mean(dims)
+    return count, mean, ((x * x).mean(dims) - mean * mean) * count
+
+
+def test_variance_is_accurate_when_the_mean_dwarfs_the_std():
+    assert _variance_relative_error(native.stats) < 1e-3
+    assert _variance_relative_error(batchnorm.kernels.stats) < 1e-3  # through the custom op
+    # The criterion has teeth: the textbook formula fails it by orders of magnitude.
+    assert _variance_relative_error(_textbook_stats) > 1e-1
+
+
+def test_merge_stats_is_chans_formula_and_ignores_empty_partials():
+    parts = [torch.randn(n, 3, dtype=torch.float64) * 5 + 100 for n in (4, 1, 9)]
+    counts = torch.tensor([[4.0] * 3, [0.0] * 3, [1.0] * 3, [9.0] * 3], dtype=torch.float64)
+    means = torch.stack([parts[0].mean(0), torch.full((3,), float("nan"), dtype=torch.float64),
+                         parts[1].mean(0), parts[2].mean(0)])
+    m2s = torch.stack([((p - p.mean(0)) ** 2).sum(0) for p in parts[:1]] + [torch.zeros(3, dtype=torch.float64)]
+                      + [((p - p.mean(0)) ** 2).sum(0) for p in parts[1:]])
+    total, mean, m2 = native.merge_stats(counts, means, m2s)
+    everything = torch.cat(parts)
+    assert torch.equal(total, torch.full((3,), 14.0, dtype=torch.float64))
+    assert_close_scaled(mean, everything.mean(0), 1e-12)
+    assert_close_scaled(m2, ((everything - everything.mean(0)) ** 2).sum(0), 1e-10)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_batch_leaves_running_statistics_alone_and_warns_once_per_layer(bad):
+    bn, other = batchnorm.BatchNorm2d(3), batchnorm.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(4, 3, 2, 2)
+    x[1, 2, 0, 1] = bad
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm2d\(3\).*not finite.*left unchanged"):
+        y = bn(x)
+    assert torch.isnan(y[:, 2]).all()  # the output still shows the problem
+    assert torch.isfinite(y[:, :2]).all()
+    for key, value in bn.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bn(x)
+        other(x)
+    assert len(caught) == 1 and "BatchNorm2d(3)" in str(caught[0].message)
+
+
+def test_empty_batch_returns_empty_output_and_changes_nothing():
+    bn = batchnorm.BatchNorm2d(3)
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    y = bn(x)
+    assert y.shape == (0, 3, 4, 4)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert bn.num_batches_tracked.item() == 0
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
+
+
+def test_training_without_running_stats_uses_batch_statistics():
+    x = torch.randn(8, 3) * 4 + 1
+    y = F.batch_norm(x, None, None, training=False)
+    expected, _, _ = reference.batch_norm_train(x, None, None, 1e-5)
+    assert_close_scaled(y, expected, 1e-5)
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "silu", "gelu_tanh"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_residual_and_activation_gradcheck(act, training):
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def f(x, z, w, b):
+        return F.batch_norm(x, rm, rv, w, b, training, 0.0, 1e-5, residual=z, activation=act,
+                            negative_slope=0.1)
+
+    assert torch.autograd.gradcheck(f, (x, z, w, b))
+    mean, var = reference.batch_stats(x.detach()) if training else (rm, rv - 0.0)
+    pre = reference.normalize(x.detach(), mean, var, w.detach(), b.detach(), 1e-5) + z.detach()
+    assert_close_scaled(f(x, z, w, b), reference.activate(pre, act, 0.1), 1e-10)
