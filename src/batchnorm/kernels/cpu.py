@@ -30,14 +30,14 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch import Tensor
 
 import numba
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import overload
 
 from batchnorm.kernels.native import accumulation_dtype
@@ -68,12 +68,8 @@ def _choose_cache_dir() -> None:
 _choose_cache_dir()
 
 _FLAGS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
-# One channel block of fp32 is one 64-byte cache line, so two threads never write the same line.
-_BLOCK = 16
 # Values per inner chunk: the chunk and its scratch stay in L1 between the fused loops.
 _CHUNK = 1024
-# Values per parallel chunk of the "rows" layout (64 KB of fp32).
-_ROWS_CHUNK = 16384
 
 IDENTITY, RELU, LEAKY_RELU, SILU, GELU_TANH = range(5)
 ACT_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "silu": SILU,
@@ -255,21 +251,22 @@ def _nchw_channel_stats(x, n, c, s, ch, eps, st):
     st[0, ch], st[1, ch], st[2, ch], st[3, ch] = n * s, mu, sq, 1.0 / np.sqrt(sq / (n * s) + eps)
 
 
-def _nchw_stats_kernel(x, n, c, s, eps, st):
-    # x: (N*C*S,) flat NCHW; st: (4, C) output rows count, mean, m2, invstd = 1/sqrt(m2/M + eps)
-    for ch in prange(c):
+def _nchw_stats_kernel(x, n, c, s, eps, st, lo, hi):
+    # x: (N*C*S,) flat NCHW; st: (4, C) output rows count, mean, m2, invstd = 1/sqrt(m2/M + eps);
+    # channels lo..hi
+    for ch in range(lo, hi):
         _nchw_channel_stats(x, n, c, s, ch, eps, st)
 
 
 def _nchw_train_forward_kernel(x, z, y, n, c, s, weight, bias, has_w, has_b, has_z, eps, code,
-                               kv, st):
+                               kv, st, lo, hi):
     # x, z, y: (N*C*S,) flat NCHW (z ignored unless has_z); weight, bias: (C,) (ignored unless
-    # has_w/has_b); kv: (8,) epilogue constants; st: (4, C) output rows count, mean, m2, invstd.
-    # invstd = 1/sqrt(m2/M + eps); y = act(weight*(x - mean)*invstd + bias (+ z))
+    # has_w/has_b); kv: (8,) epilogue constants; st: (4, C) output rows count, mean, m2, invstd;
+    # channels lo..hi. invstd = 1/sqrt(m2/M + eps); y = act(weight*(x - mean)*invstd + bias (+ z))
     k = _unpack(kv)
-    for ch in prange(c):
+    ab = np.empty(2, x.dtype)  # a, b rounded to x's dtype
+    for ch in range(lo, hi):
         _nchw_channel_stats(x, n, c, s, ch, eps, st)
-        ab = np.empty(2, x.dtype)  # a, b rounded to x's dtype
         ab[0], ab[1] = _coefficients(st[1], st[3], weight, bias, has_w, has_b, ch)
         for i in range(n):
             for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
@@ -278,12 +275,12 @@ def _nchw_train_forward_kernel(x, z, y, n, c, s, weight, bias, has_w, has_b, has
 
 
 def _nchw_forward_kernel(x, z, y, n, c, s, mean, invstd, weight, bias, has_w, has_b, has_z, code,
-                         kv):
-    # x, z, y: (N*C*S,) flat NCHW; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants.
-    # y = act(weight*(x - mean)*invstd + bias (+ z)), one row (n, ch) per iteration
+                         kv, lo, hi):
+    # x, z, y: (N*C*S,) flat NCHW; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants;
+    # rows (n, ch) lo..hi. y = act(weight*(x - mean)*invstd + bias (+ z))
     k = _unpack(kv)
-    for row in prange(n * c):
-        ab = np.empty(2, x.dtype)
+    ab = np.empty(2, x.dtype)
+    for row in range(lo, hi):
         ab[0], ab[1] = _coefficients(mean, invstd, weight, bias, has_w, has_b, row % c)
         for j0 in range(row * s, (row + 1) * s, _CHUNK):
             j1 = min(j0 + _CHUNK, (row + 1) * s)
@@ -291,18 +288,19 @@ def _nchw_forward_kernel(x, z, y, n, c, s, mean, invstd, weight, bias, has_w, ha
 
 
 def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias, has_w, has_b,
-                          has_z, code, kv, training, count, sums, need_sums, write_dx, write_dz):
+                          has_z, code, kv, training, count, sums, need_sums, write_dx, write_dz,
+                          lo, hi):
     # dy, x, z, dx, dz: (N*C*S,) flat NCHW; mean, invstd, weight, bias, count: (C,);
-    # sums: (2, C) rows sum(g), sum(g*x_hat): outputs when need_sums, else inputs.
+    # sums: (2, C) rows sum(g), sum(g*x_hat): outputs when need_sums, else inputs; channels lo..hi.
     # g = dy*act'(pre); dx = a*(g - sum(g)/M - x_hat*sum(g*x_hat)/M) (training) or a*g (eval)
     k = _unpack(kv)
-    for ch in prange(c):
+    coef = np.empty(5, x.dtype)  # a, b, mean, p, q rounded to x's dtype
+    buf = np.empty(_CHUNK, x.dtype)
+    for ch in range(lo, hi):
         a64, b64 = _coefficients(mean, invstd, weight, bias, has_w, has_b, ch)
         inv = np.float64(invstd[ch])
         mu = np.float64(mean[ch])
-        coef = np.empty(5, x.dtype)  # a, b, mean, p, q rounded to x's dtype
         coef[0], coef[1], coef[2] = a64, b64, mu
-        buf = np.empty(_CHUNK, x.dtype)
         if need_sums:
             sg = 0.0
             sgx = 0.0
@@ -331,39 +329,29 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
 
 
 # ---- layout "rows": x is flat (P*C,), row r holds channels x[r*C : r*C + C] ------------------
-# Rows are split into chunks, one per parallel iteration, and each kernel has two phases: per-chunk
-# partial sums (all sharing the shift x[0, :], so adding them is the exact merge), then the
+# The rows are split between threads, so each kernel has two phases: per-thread partial sums over
+# its rows (all shifted by x[0, :], so adding partials is the exact merge), a merge, then the
 # elementwise pass. The second read of x comes from L3 when the tensor fits (32 MB here).
 
-@njit(**_FLAGS)
-def _row_chunks(p, c):
-    """Rows per parallel chunk (about _ROWS_CHUNK values, at least one row) and chunk count."""
-    rows = max(1, _ROWS_CHUNK // c)
-    return rows, (p + rows - 1) // rows
+def _rows_stats_kernel(x, c, s1, s2, lo, hi):
+    # x: (P*C,) flat rows; s1, s2: (C,) float64 partials (this thread's) of sum(d), sum(d^2),
+    # d = x - x[0, :], over rows lo..hi
+    for r in range(lo, hi):
+        xr = x[r * c:(r + 1) * c]
+        for j in range(c):
+            d = xr[j] - np.float64(x[j])
+            s1[j] += d
+            s2[j] += d * d
 
 
-@njit(parallel=True, **_FLAGS)
-def _rows_stats(x, p, c, eps, st):
-    """st = (count, mean, m2, 1/sqrt(m2/P + eps)) per channel, formulas as `_nchw_stats`, shift
-    x[0, :]."""
-    rows, chunks = _row_chunks(p, c)
-    shift = x[:c].astype(np.float64)
-    s1 = np.zeros((chunks, c), np.float64)
-    s2 = np.zeros((chunks, c), np.float64)
-    for t in prange(chunks):
-        a1, a2 = s1[t], s2[t]
-        for r in range(t * rows, min(p, (t + 1) * rows)):
-            xr = x[r * c:(r + 1) * c]
-            for j in range(c):
-                d = xr[j] - shift[j]
-                a1[j] += d
-                a2[j] += d * d
-    t1 = s1.sum(axis=0)
-    t2 = s2.sum(axis=0)
-    for j in range(c):
-        sq = t2[j] - t1[j] * t1[j] / p
+def _rows_stats_merge_kernel(x, p, eps, s1, s2, st):
+    # x: (P*C,) flat rows; s1, s2: (T, C) per-thread partials; st: (4, C) output rows count, mean,
+    # m2, invstd. mean = x[0] + sum(d)/P, m2 = sum(d^2) - sum(d)^2/P, invstd = 1/sqrt(m2/P + eps)
+    for j in range(st.shape[1]):
+        t1 = s1[:, j].sum()
+        sq = s2[:, j].sum() - t1 * t1 / p
         sq = 0.0 if sq < 0.0 else sq
-        st[0, j], st[1, j], st[2, j], st[3, j] = p, shift[j] + t1[j] / p, sq, 1.0 / np.sqrt(
+        st[0, j], st[1, j], st[2, j], st[3, j] = p, np.float64(x[j]) + t1 / p, sq, 1.0 / np.sqrt(
             sq / p + eps)
 
 
@@ -378,108 +366,86 @@ def _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, like):
     return a, b
 
 
-@njit(parallel=True, **_FLAGS)
-def _rows_normalize(x, z, y, p, c, a, b, has_z, code, k):
-    """y = act(a*x + b (+ z)) with (C,) coefficients, a chunk of whole rows per iteration."""
-    rows, chunks = _row_chunks(p, c)
-    for t in prange(chunks):
-        j0, j1 = t * rows * c, min(p, (t + 1) * rows) * c
-        yr = y[j0:j1]
-        for r in range(0, j1 - j0, c):
-            _affine(x[j0 + r:j0 + r + c], z[j0 + r:j0 + r + c], yr[r:r + c], a, b, has_z)
-        _activate(yr, code, k)
-
-
-def _rows_stats_kernel(x, p, c, eps, st):
-    # x: (P*C,) flat rows; st: (4, C) output rows count, mean, m2, invstd = 1/sqrt(m2/P + eps)
-    _rows_stats(x, p, c, eps, st)
-
-
-def _rows_train_forward_kernel(x, z, y, p, c, weight, bias, has_w, has_b, has_z, eps, code, kv,
-                               st):
-    # x, z, y: (P*C,) flat rows (z ignored unless has_z); weight, bias: (C,) (ignored unless
-    # has_w/has_b); kv: (8,) epilogue constants; st: (4, C) output rows count, mean, m2, invstd.
-    # invstd = 1/sqrt(m2/P + eps); y = act(weight*(x - mean)*invstd + bias (+ z))
-    _rows_stats(x, p, c, eps, st)
-    a, b = _rows_coefficients(st[1], st[3], weight, bias, has_w, has_b, x)
-    _rows_normalize(x, z, y, p, c, a, b, has_z, code, _unpack(kv))
-
-
-def _rows_forward_kernel(x, z, y, p, c, mean, invstd, weight, bias, has_w, has_b, has_z, code,
-                         kv):
-    # x, z, y: (P*C,) flat rows; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants.
-    # y = act(weight*(x - mean)*invstd + bias (+ z))
-    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
-    _rows_normalize(x, z, y, p, c, a, b, has_z, code, _unpack(kv))
-
-
-def _rows_backward_kernel(dy, x, z, dx, dz, p, c, mean, invstd, weight, bias, has_w, has_b,
-                          has_z, code, kv, training, count, sums, need_sums, write_dx, write_dz):
-    # dy, x, z, dx, dz: (P*C,) flat rows; mean, invstd, weight, bias, count: (C,);
-    # sums: (2, C) rows sum(g), sum(g*x_hat): outputs when need_sums, else inputs.
-    # g = dy*act'(pre); dx = a*(g - sum(g)/M - x_hat*sum(g*x_hat)/M) (training) or a*g (eval)
+def _rows_forward_kernel(x, z, y, c, mean, invstd, weight, bias, has_w, has_b, has_z, code, kv,
+                         lo, hi):
+    # x, z, y: (P*C,) flat rows; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants;
+    # rows lo..hi. y = act(weight*(x - mean)*invstd + bias (+ z))
     k = _unpack(kv)
     a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
-    mu = mean.astype(x.dtype)
-    mu64 = mean.astype(np.float64)
-    rows, chunks = _row_chunks(p, c)
-    if need_sums:
-        pg = np.zeros((chunks, c), np.float64)
-        pgx = np.zeros((chunks, c), np.float64)
-        for t in prange(chunks):
-            buf = np.empty(c, x.dtype)
-            ag, agx = pg[t], pgx[t]
-            for r in range(t * rows * c, min(p, (t + 1) * rows) * c, c):
-                xr = x[r:r + c]
-                g = _grad(dy[r:r + c], xr, z[r:r + c], buf, a, b, has_z, code, k)
-                for j in range(c):
-                    ag[j] += g[j]
-                    agx[j] += g[j] * (np.float64(xr[j]) - mu64[j])
-        tg = pg.sum(axis=0)
-        tgx = pgx.sum(axis=0)
+    rows = max(1, _CHUNK // c)
+    for r0 in range(lo, hi, rows):
+        r1 = min(hi, r0 + rows)
+        for r in range(r0, r1):
+            _affine(x[r * c:(r + 1) * c], z[r * c:(r + 1) * c], y[r * c:(r + 1) * c], a, b, has_z)
+        _activate(y[r0 * c:r1 * c], code, k)
+
+
+def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b, has_z, code,
+                           kv, sg, sgx, lo, hi):
+    # dy, x, z: (P*C,) flat rows; mean, invstd, weight, bias: (C,); sg, sgx: (C,) float64
+    # partials (this thread's) of sum(g), sum(g*(x - mean)) over rows lo..hi, g = dy*act'(pre)
+    k = _unpack(kv)
+    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
+    buf = np.empty(c, x.dtype)
+    for r in range(lo, hi):
+        xr = x[r * c:(r + 1) * c]
+        g = _grad(dy[r * c:(r + 1) * c], xr, z[r * c:(r + 1) * c], buf, a, b, has_z, code, k)
         for j in range(c):
-            sums[0, j], sums[1, j] = tg[j], tgx[j] * invstd[j]
-    if write_dx or write_dz:
-        pp = np.empty(c, x.dtype)
-        qq = np.empty(c, x.dtype)
-        for j in range(c):
-            pp[j], qq[j] = _dx_coefficients(np.float64(a[j]), np.float64(invstd[j]),
-                                            np.float64(sums[0, j]), np.float64(sums[1, j]),
-                                            np.float64(count[j]), training)
-        for t in prange(chunks):
-            buf = np.empty(c, x.dtype)
-            for r in range(t * rows * c, min(p, (t + 1) * rows) * c, c):
-                g = _grad(dy[r:r + c], x[r:r + c], z[r:r + c], buf, a, b, has_z, code, k)
-                if write_dz:
-                    dz[r:r + c] = g
-                if write_dx:
-                    _grad_input(g, x[r:r + c], dx[r:r + c], a, mu, pp, qq)
+            sg[j] += g[j]
+            sgx[j] += g[j] * (np.float64(xr[j]) - np.float64(mean[j]))
+
+
+def _rows_grad_input_kernel(dy, x, z, dx, dz, c, mean, invstd, weight, bias, has_w, has_b, has_z,
+                            code, kv, training, count, sums, write_dx, write_dz, lo, hi):
+    # dy, x, z, dx, dz: (P*C,) flat rows; mean, invstd, weight, bias, count: (C,); sums: (2, C)
+    # sum(g), sum(g*x_hat); rows lo..hi. dx = a*g + p*(x - mean) + q (`_dx_coefficients`), dz = g
+    k = _unpack(kv)
+    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
+    mu = np.empty(c, x.dtype)
+    pp = np.empty(c, x.dtype)
+    qq = np.empty(c, x.dtype)
+    for j in range(c):
+        mu[j] = mean[j]
+        pp[j], qq[j] = _dx_coefficients(np.float64(a[j]), np.float64(invstd[j]),
+                                        np.float64(sums[0, j]), np.float64(sums[1, j]),
+                                        np.float64(count[j]), training)
+    buf = np.empty(c, x.dtype)
+    for r in range(lo, hi):
+        g = _grad(dy[r * c:(r + 1) * c], x[r * c:(r + 1) * c], z[r * c:(r + 1) * c], buf, a, b,
+                  has_z, code, k)
+        if write_dz:
+            dz[r * c:(r + 1) * c] = g
+        if write_dx:
+            _grad_input(g, x[r * c:(r + 1) * c], dx[r * c:(r + 1) * c], a, mu, pp, qq)
 
 
 # ---- host side: layout, threads, and the four functions of the kernel interface ------------
+# Threads: the kernels are serial and release the GIL; `_run` splits the channels (or rows) into
+# torch.get_num_threads() ranges and runs them on a small thread pool. Unlike Numba's parallel=True
+# this never touches an OpenMP runtime (so torch's thread setting cannot be reset), is safe in
+# fork-based DataLoader workers (the pool is rebuilt after a fork) and from several Python threads,
+# and compiles in half the time.
 # Small batches are overhead-bound (torch.nn's BatchNorm1d step on (100, 100) takes ~130 us), so
 # the host code makes as few torch calls as it can: one allocation for all per-channel outputs,
 # numpy views instead of reshapes, no dtype conversions when none is needed.
 
 _SOURCES = {f.__name__[1:-len("_kernel")]: f for f in (
     _nchw_stats_kernel, _nchw_train_forward_kernel, _nchw_forward_kernel, _nchw_backward_kernel,
-    _rows_stats_kernel, _rows_train_forward_kernel, _rows_forward_kernel, _rows_backward_kernel)}
+    _rows_stats_kernel, _rows_stats_merge_kernel, _rows_forward_kernel, _rows_grad_sums_kernel,
+    _rows_grad_input_kernel)}
 _compiled: dict = {}
-_launch_lock = threading.Lock()
-_numba_threads = threading.local()
+_pool: ThreadPoolExecutor | None = None
 _pool_pid: int | None = None
 _ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
-# Below this many values a parallel launch (a barrier that needs the other core scheduled) costs
-# more than the second core saves.
-_PARALLEL_MIN_NUMEL = 1 << 16
+# Below this many values per thread a second thread costs more (a pool hand-off, ~20 us) than it
+# saves.
+_MIN_NUMEL_PER_THREAD = 1 << 16
 
 
 def supports(x: Tensor) -> bool:
     """Whether these kernels take `x`: a non-empty dense fp32/fp64 CPU tensor, contiguous or
-    channels-last, in a process that may use Numba's thread pool (see `_launch`)."""
+    channels-last."""
     if x.device.type != "cpu" or x.dtype not in _ACC or x.numel() == 0:
-        return False
-    if _pool_pid is not None and _pool_pid != os.getpid():
         return False
     if x.is_contiguous():
         return True
@@ -532,30 +498,44 @@ def _epilogue_constants(dtype: np.dtype, slope: float) -> np.ndarray:
     return kv
 
 
-def _launch(name: str, numel: int, *args) -> None:
-    """Run kernel `name` on torch's thread count (one thread for small tensors), leaving torch's
-    setting as it was.
-
-    GNU OpenMP (Numba's threading layer where TBB is absent) aborts a forked child whose parent
-    started the pool, so the first launch records the pid and `supports` sends forked children
-    (fork-based DataLoader workers) to the native path.
-    """
-    global _pool_pid
+def _kernel(name: str):
     kernel = _compiled.get(name)
     if kernel is None:
-        kernel = _compiled[name] = njit(parallel=True, **_FLAGS)(_SOURCES[name])
-    threads = torch.get_num_threads()
-    wanted = max(1, min(threads if numel >= _PARALLEL_MIN_NUMEL else 1,
-                        numba.config.NUMBA_NUM_THREADS))
-    with _launch_lock:
+        kernel = _compiled[name] = njit(**_FLAGS)(_SOURCES[name])
+    return kernel
+
+
+def _ranges(items: int, numel: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges splitting `items` channels or rows between torch.get_num_threads()
+    threads, fewer when there is too little work."""
+    threads = max(1, min(torch.get_num_threads(), items, numel // _MIN_NUMEL_PER_THREAD))
+    return [(items * t // threads, items * (t + 1) // threads) for t in range(threads)]
+
+
+def _run(name: str, calls: list[tuple]) -> None:
+    """kernel(*args) for each args in `calls`: the first on this thread, the rest on the pool."""
+    global _pool, _pool_pid
+    kernel = _kernel(name)
+    if len(calls) == 1:
+        kernel(*calls[0])
+        return
+    if _pool is None or _pool_pid != os.getpid():
+        # A forked child inherits the pool object but not its threads: build a new one.
+        _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                   thread_name_prefix="batchnorm-cpu")
         _pool_pid = os.getpid()
-        # Numba's thread count is per calling thread; remembering it saves a 2 us query a call.
-        if getattr(_numba_threads, "n", None) != wanted:
-            numba.set_num_threads(wanted)
-            _numba_threads.n = wanted
-        kernel(*args)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    futures = [_pool.submit(kernel, *args) for args in calls[1:]]
+    kernel(*calls[0])
+    for future in futures:
+        future.result()
+
+
+def _rows_stats(xf: np.ndarray, p: int, c: int, eps: float, st_np: np.ndarray) -> None:
+    ranges = _ranges(p, p * c)
+    s1 = np.zeros((len(ranges), c))
+    s2 = np.zeros((len(ranges), c))
+    _run("rows_stats", [(xf, c, s1[t], s2[t], lo, hi) for t, (lo, hi) in enumerate(ranges)])
+    _kernel("rows_stats_merge")(xf, p, eps, s1, s2, st_np)
 
 
 def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -563,7 +543,12 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     docstring for the numerics."""
     kind, dims = _layout(x)
     st = torch.empty((4, x.shape[1]), dtype=_ACC[x.dtype])
-    _launch(kind + "_stats", x.numel(), _flat(x), *dims, 1.0, st.numpy())
+    st_np, xf = st.numpy(), _flat(x)
+    if kind == "rows":
+        _rows_stats(xf, *dims, 1.0, st_np)
+    else:
+        _run("nchw_stats", [(xf, *dims, 1.0, st_np, lo, hi)
+                            for lo, hi in _ranges(dims[1], x.numel())])
     count, mean, m2, _ = st.unbind(0)
     return count, mean, m2
 
@@ -571,17 +556,26 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tensor | None,
                   eps: float, act: str, act_param: float
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Statistics and normalization in one kernel. Returns (y, count, mean, m2, invstd)."""
+    """Statistics and normalization in one pass per channel block. Returns (y, count, mean, m2,
+    invstd)."""
     acc = _ACC[x.dtype]
     kind, dims = _layout(x)
     y = torch.empty_like(x)
     st = torch.empty((4, x.shape[1]), dtype=acc)
-    st_np = st.numpy()
-    xf = _flat(x)
-    _launch(kind + "_train_forward", x.numel(), xf, xf if z is None else _flat(_like(z, x)),
-            _flat(y), *dims, _optional(weight, acc, st_np[0]), _optional(bias, acc, st_np[0]),
-            weight is not None, bias is not None, z is not None, float(eps), ACT_CODES[act],
-            _epilogue_constants(xf.dtype, act_param), st_np)
+    st_np, xf, yf = st.numpy(), _flat(x), _flat(y)
+    zf = xf if z is None else _flat(_like(z, x))
+    w, b = _optional(weight, acc, st_np[0]), _optional(bias, acc, st_np[0])
+    code, kv = ACT_CODES[act], _epilogue_constants(xf.dtype, act_param)
+    if kind == "rows":
+        p, c = dims
+        _rows_stats(xf, p, c, float(eps), st_np)
+        _run("rows_forward", [(xf, zf, yf, c, st_np[1], st_np[3], w, b, weight is not None,
+                               bias is not None, z is not None, code, kv, lo, hi)
+                              for lo, hi in _ranges(p, x.numel())])
+    else:
+        _run("nchw_train_forward", [(xf, zf, yf, *dims, w, b, weight is not None,
+                                     bias is not None, z is not None, float(eps), code, kv,
+                                     st_np, lo, hi) for lo, hi in _ranges(dims[1], x.numel())])
     return (y,) + st.unbind(0)
 
 
@@ -591,12 +585,17 @@ def forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias
     acc = _ACC[x.dtype]
     kind, dims = _layout(x)
     y = torch.empty_like(x)
-    mean_np = _vector(mean, acc)
-    xf = _flat(x)
-    _launch(kind + "_forward", x.numel(), xf, xf if z is None else _flat(_like(z, x)), _flat(y),
-            *dims, mean_np, _vector(invstd, acc), _optional(weight, acc, mean_np),
-            _optional(bias, acc, mean_np), weight is not None, bias is not None, z is not None,
-            ACT_CODES[act], _epilogue_constants(xf.dtype, act_param))
+    mean_np, xf = _vector(mean, acc), _flat(x)
+    args = (xf, xf if z is None else _flat(_like(z, x)), _flat(y))
+    params = (mean_np, _vector(invstd, acc), _optional(weight, acc, mean_np),
+              _optional(bias, acc, mean_np), weight is not None, bias is not None, z is not None,
+              ACT_CODES[act], _epilogue_constants(xf.dtype, act_param))
+    if kind == "rows":
+        p, c = dims
+        _run("rows_forward", [args + (c,) + params + r for r in _ranges(p, x.numel())])
+    else:
+        n, c, _ = dims
+        _run("nchw_forward", [args + dims + params + r for r in _ranges(n * c, x.numel())])
     return y
 
 
@@ -619,15 +618,30 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
     dx = torch.empty_like(x) if input_grad else None
     write_dz = z is not None and act != "identity"
     dz = torch.empty_like(x) if write_dz else None
-    mean_np = _vector(mean, acc)
-    xf = _flat(x)
-    _launch(kind + "_backward", x.numel(), _flat(dy), xf, xf if z is None else _flat(_like(z, x)),
-            xf if dx is None else _flat(dx), _flat(dz) if write_dz else xf, *dims, mean_np,
-            _vector(invstd, acc), _optional(weight, acc, mean_np), _optional(bias, acc, mean_np),
-            weight is not None, bias is not None, z is not None, ACT_CODES[act],
-            _epilogue_constants(xf.dtype, act_param), training,
-            np.full(c, x.numel() // c, xf.dtype) if count is None else _vector(count, acc),
-            sums.numpy(), need_sums, input_grad, write_dz)
+    mean_np, invstd_np, xf = _vector(mean, acc), _vector(invstd, acc), _flat(x)
+    tensors = (_flat(dy), xf, xf if z is None else _flat(_like(z, x)))
+    outputs = (xf if dx is None else _flat(dx), _flat(dz) if write_dz else xf)
+    params = (mean_np, invstd_np, _optional(weight, acc, mean_np), _optional(bias, acc, mean_np),
+              weight is not None, bias is not None, z is not None, ACT_CODES[act],
+              _epilogue_constants(xf.dtype, act_param))
+    count_np = np.full(c, x.numel() // c, xf.dtype) if count is None else _vector(count, acc)
+    sums_np = sums.numpy()
+    if kind == "rows":
+        p = dims[0]
+        ranges = _ranges(p, x.numel())
+        if need_sums:
+            sg, sgx = np.zeros((len(ranges), c)), np.zeros((len(ranges), c))
+            _run("rows_grad_sums", [tensors + (c,) + params + (sg[t], sgx[t], lo, hi)
+                                    for t, (lo, hi) in enumerate(ranges)])
+            sums_np[0] = sg.sum(axis=0)
+            sums_np[1] = sgx.sum(axis=0) * invstd_np
+        if input_grad or write_dz:
+            _run("rows_grad_input", [tensors + outputs + (c,) + params + (
+                training, count_np, sums_np, input_grad, write_dz, lo, hi) for lo, hi in ranges])
+    else:
+        _run("nchw_backward", [tensors + outputs + dims + params + (
+            training, count_np, sums_np, need_sums, input_grad, write_dz, lo, hi)
+            for lo, hi in _ranges(c, x.numel())])
     if need_sums:
         sum_dy, sum_dy_xhat = sums.unbind(0)
     if dx is None:
