@@ -288,10 +288,11 @@ def _nchw_forward_kernel(x, z, y, n, c, s, mean, invstd, weight, bias, has_w, ha
 
 
 def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias, has_w, has_b,
-                          has_z, code, kv, training, count, sums, need_sums, write_dx, write_dz,
-                          lo, hi):
+                          has_z, code, kv, training, count, sum_g, sum_gxhat, need_sums, write_dx,
+                          write_dz, lo, hi):
     # dy, x, z, dx, dz: (N*C*S,) flat NCHW; mean, invstd, weight, bias, count: (C,);
-    # sums: (2, C) rows sum(g), sum(g*x_hat): outputs when need_sums, else inputs; channels lo..hi.
+    # sum_g, sum_gxhat: (C,) sum(g), sum(g*x_hat): outputs when need_sums, else inputs;
+    # channels lo..hi.
     # g = dy*act'(pre); dx = a*(g - sum(g)/M - x_hat*sum(g*x_hat)/M) (training) or a*g (eval)
     k = _unpack(kv)
     coef = np.empty(5, x.dtype)  # a, b, mean, p, q rounded to x's dtype
@@ -312,10 +313,10 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
                     for j in range(j1 - j0):
                         sg += g[j]
                         sgx += g[j] * (np.float64(xr[j]) - mu)
-            sums[0, ch], sums[1, ch] = sg, sgx * inv
+            sum_g[ch], sum_gxhat[ch] = sg, sgx * inv
         if write_dx or write_dz:
-            coef[3], coef[4] = _dx_coefficients(a64, inv, np.float64(sums[0, ch]),
-                                                np.float64(sums[1, ch]), np.float64(count[ch]),
+            coef[3], coef[4] = _dx_coefficients(a64, inv, np.float64(sum_g[ch]),
+                                                np.float64(sum_gxhat[ch]), np.float64(count[ch]),
                                                 training)
             for i in range(n):
                 for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
@@ -396,9 +397,10 @@ def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b
 
 
 def _rows_grad_input_kernel(dy, x, z, dx, dz, c, mean, invstd, weight, bias, has_w, has_b, has_z,
-                            code, kv, training, count, sums, write_dx, write_dz, lo, hi):
-    # dy, x, z, dx, dz: (P*C,) flat rows; mean, invstd, weight, bias, count: (C,); sums: (2, C)
-    # sum(g), sum(g*x_hat); rows lo..hi. dx = a*g + p*(x - mean) + q (`_dx_coefficients`), dz = g
+                            code, kv, training, count, sum_g, sum_gxhat, write_dx, write_dz, lo,
+                            hi):
+    # dy, x, z, dx, dz: (P*C,) flat rows; mean, invstd, weight, bias, count, sum_g, sum_gxhat:
+    # (C,), the last two sum(g), sum(g*x_hat); rows lo..hi. dx = a*g + p*(x - mean) + q (`_dx_coefficients`), dz = g
     k = _unpack(kv)
     a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
     mu = np.empty(c, x.dtype)
@@ -407,7 +409,7 @@ def _rows_grad_input_kernel(dy, x, z, dx, dz, c, mean, invstd, weight, bias, has
     for j in range(c):
         mu[j] = mean[j]
         pp[j], qq[j] = _dx_coefficients(np.float64(a[j]), np.float64(invstd[j]),
-                                        np.float64(sums[0, j]), np.float64(sums[1, j]),
+                                        np.float64(sum_g[j]), np.float64(sum_gxhat[j]),
                                         np.float64(count[j]), training)
     buf = np.empty(c, x.dtype)
     for r in range(lo, hi):
@@ -549,8 +551,8 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     else:
         _run("nchw_stats", [(xf, *dims, 1.0, st_np, lo, hi)
                             for lo, hi in _ranges(dims[1], x.numel())])
-    count, mean, m2, _ = st.unbind(0)
-    return count, mean, m2
+    # Separate tensors: custom-op outputs may not alias each other.
+    return st[0].clone(), st[1].clone(), st[2].clone()
 
 
 def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tensor | None,
@@ -612,9 +614,9 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
     dy = _like(dy, x)
     need_sums = sum_dy is None or sum_dy_xhat is None
     if need_sums:
-        sums = torch.empty((2, c), dtype=acc)
-    else:
-        sums = torch.stack([sum_dy.detach(), sum_dy_xhat.detach()]).to(acc)
+        # Two allocations, not one split in two: custom-op outputs may not alias each other.
+        sum_dy, sum_dy_xhat = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+    sums = (_vector(sum_dy, acc), _vector(sum_dy_xhat, acc))
     dx = torch.empty_like(x) if input_grad else None
     write_dz = z is not None and act != "identity"
     dz = torch.empty_like(x) if write_dz else None
@@ -625,7 +627,6 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
               weight is not None, bias is not None, z is not None, ACT_CODES[act],
               _epilogue_constants(xf.dtype, act_param))
     count_np = np.full(c, x.numel() // c, xf.dtype) if count is None else _vector(count, acc)
-    sums_np = sums.numpy()
     if kind == "rows":
         p = dims[0]
         ranges = _ranges(p, x.numel())
@@ -633,17 +634,15 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
             sg, sgx = np.zeros((len(ranges), c)), np.zeros((len(ranges), c))
             _run("rows_grad_sums", [tensors + (c,) + params + (sg[t], sgx[t], lo, hi)
                                     for t, (lo, hi) in enumerate(ranges)])
-            sums_np[0] = sg.sum(axis=0)
-            sums_np[1] = sgx.sum(axis=0) * invstd_np
+            np.sum(sg, axis=0, out=sums[0])
+            np.multiply(sgx.sum(axis=0), invstd_np, out=sums[1], casting="unsafe")
         if input_grad or write_dz:
             _run("rows_grad_input", [tensors + outputs + (c,) + params + (
-                training, count_np, sums_np, input_grad, write_dz, lo, hi) for lo, hi in ranges])
+                training, count_np) + sums + (input_grad, write_dz, lo, hi) for lo, hi in ranges])
     else:
         _run("nchw_backward", [tensors + outputs + dims + params + (
-            training, count_np, sums_np, need_sums, input_grad, write_dz, lo, hi)
+            training, count_np) + sums + (need_sums, input_grad, write_dz, lo, hi)
             for lo, hi in _ranges(c, x.numel())])
-    if need_sums:
-        sum_dy, sum_dy_xhat = sums.unbind(0)
     if dx is None:
         dx = x.new_empty(0)
     if z is None:
