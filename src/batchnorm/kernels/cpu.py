@@ -288,9 +288,10 @@ def _nchw_forward_kernel(x, z, y, n, c, s, mean, invstd, weight, bias, has_w, ha
 
 
 def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias, has_w, has_b,
-                          has_z, code, kv, training, count, sum_g, sum_gxhat, need_sums, write_dx,
-                          write_dz, lo, hi):
-    # dy, x, z, dx, dz: (N*C*S,) flat NCHW; mean, invstd, weight, bias, count: (C,);
+                          has_z, code, kv, training, has_count, count, sum_g, sum_gxhat, need_sums,
+                          write_dx, write_dz, lo, hi):
+    # dy, x, z, dx, dz: (N*C*S,) flat NCHW; mean, invstd, weight, bias, count: (C,) (count: M
+    # per channel if has_count, else M = N*S);
     # sum_g, sum_gxhat: (C,) sum(g), sum(g*x_hat): outputs when need_sums, else inputs;
     # channels lo..hi.
     # g = dy*act'(pre); dx = a*(g - sum(g)/M - x_hat*sum(g*x_hat)/M) (training) or a*g (eval)
@@ -315,9 +316,9 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
                         sgx += g[j] * (np.float64(xr[j]) - mu)
             sum_g[ch], sum_gxhat[ch] = sg, sgx * inv
         if write_dx or write_dz:
-            coef[3], coef[4] = _dx_coefficients(a64, inv, np.float64(sum_g[ch]),
-                                                np.float64(sum_gxhat[ch]), np.float64(count[ch]),
-                                                training)
+            coef[3], coef[4] = _dx_coefficients(
+                a64, inv, np.float64(sum_g[ch]), np.float64(sum_gxhat[ch]),
+                np.float64(count[ch]) if has_count else np.float64(n * s), training)
             for i in range(n):
                 for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
                     j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
@@ -396,11 +397,14 @@ def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b
             sgx[j] += g[j] * (np.float64(xr[j]) - np.float64(mean[j]))
 
 
-def _rows_grad_input_kernel(dy, x, z, dx, dz, c, mean, invstd, weight, bias, has_w, has_b, has_z,
-                            code, kv, training, count, sum_g, sum_gxhat, write_dx, write_dz, lo,
-                            hi):
-    # dy, x, z, dx, dz: (P*C,) flat rows; mean, invstd, weight, bias, count, sum_g, sum_gxhat:
-    # (C,), the last two sum(g), sum(g*x_hat); rows lo..hi. dx = a*g + p*(x - mean) + q (`_dx_coefficients`), dz = g
+def _rows_grad_input_kernel(dy, x, z, dx, dz, p, c, mean, invstd, weight, bias, has_w, has_b,
+                            has_z, code, kv, training, has_count, count, sg, sgx, sum_g,
+                            sum_gxhat, need_sums, write_dx, write_dz, lo, hi):
+    # dy, x, z, dx, dz: (P*C,) flat rows; mean, invstd, weight, bias, count: (C,) (count: M per
+    # channel if has_count, else M = P); sg, sgx: (T, C) partials of `_rows_grad_sums_kernel`;
+    # sum_g, sum_gxhat: (C,) sum(g), sum(g*x_hat): written from the partials by the range that
+    # starts at row 0 when need_sums, else inputs; rows lo..hi.
+    # dx = a*g + p*(x - mean) + q (`_dx_coefficients`), dz = g
     k = _unpack(kv)
     a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
     mu = np.empty(c, x.dtype)
@@ -408,9 +412,14 @@ def _rows_grad_input_kernel(dy, x, z, dx, dz, c, mean, invstd, weight, bias, has
     qq = np.empty(c, x.dtype)
     for j in range(c):
         mu[j] = mean[j]
-        pp[j], qq[j] = _dx_coefficients(np.float64(a[j]), np.float64(invstd[j]),
-                                        np.float64(sum_g[j]), np.float64(sum_gxhat[j]),
-                                        np.float64(count[j]), training)
+        total_g = sg[:, j].sum() if need_sums else np.float64(sum_g[j])
+        total_gxhat = sgx[:, j].sum() * invstd[j] if need_sums else np.float64(sum_gxhat[j])
+        if need_sums and lo == 0:
+            sum_g[j], sum_gxhat[j] = total_g, total_gxhat
+        pp[j], qq[j] = _dx_coefficients(np.float64(a[j]), np.float64(invstd[j]), total_g,
+                                        total_gxhat,
+                                        np.float64(count[j]) if has_count else np.float64(p),
+                                        training)
     buf = np.empty(c, x.dtype)
     for r in range(lo, hi):
         g = _grad(dy[r * c:(r + 1) * c], x[r * c:(r + 1) * c], z[r * c:(r + 1) * c], buf, a, b,
@@ -620,29 +629,25 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
     dx = torch.empty_like(x) if input_grad else None
     write_dz = z is not None and act != "identity"
     dz = torch.empty_like(x) if write_dz else None
-    mean_np, invstd_np, xf = _vector(mean, acc), _vector(invstd, acc), _flat(x)
+    mean_np, xf = _vector(mean, acc), _flat(x)
     tensors = (_flat(dy), xf, xf if z is None else _flat(_like(z, x)))
     outputs = (xf if dx is None else _flat(dx), _flat(dz) if write_dz else xf)
-    params = (mean_np, invstd_np, _optional(weight, acc, mean_np), _optional(bias, acc, mean_np),
+    params = (mean_np, _vector(invstd, acc), _optional(weight, acc, mean_np), _optional(bias, acc, mean_np),
               weight is not None, bias is not None, z is not None, ACT_CODES[act],
               _epilogue_constants(xf.dtype, act_param))
-    count_np = np.full(c, x.numel() // c, xf.dtype) if count is None else _vector(count, acc)
+    counts = (count is not None, mean_np if count is None else _vector(count, acc))
     if kind == "rows":
         p = dims[0]
         ranges = _ranges(p, x.numel())
+        sg, sgx = np.zeros((len(ranges), c)), np.zeros((len(ranges), c))
         if need_sums:
-            sg, sgx = np.zeros((len(ranges), c)), np.zeros((len(ranges), c))
             _run("rows_grad_sums", [tensors + (c,) + params + (sg[t], sgx[t], lo, hi)
                                     for t, (lo, hi) in enumerate(ranges)])
-            np.sum(sg, axis=0, out=sums[0])
-            np.multiply(sgx.sum(axis=0), invstd_np, out=sums[1], casting="unsafe")
-        if input_grad or write_dz:
-            _run("rows_grad_input", [tensors + outputs + (c,) + params + (
-                training, count_np) + sums + (input_grad, write_dz, lo, hi) for lo, hi in ranges])
+        _run("rows_grad_input", [tensors + outputs + dims + params + (training,) + counts + (
+            sg, sgx) + sums + (need_sums, input_grad, write_dz, lo, hi) for lo, hi in ranges])
     else:
-        _run("nchw_backward", [tensors + outputs + dims + params + (
-            training, count_np) + sums + (need_sums, input_grad, write_dz, lo, hi)
-            for lo, hi in _ranges(c, x.numel())])
+        _run("nchw_backward", [tensors + outputs + dims + params + (training,) + counts + sums + (
+            need_sums, input_grad, write_dz, lo, hi) for lo, hi in _ranges(c, x.numel())])
     if dx is None:
         dx = x.new_empty(0)
     if z is None:
