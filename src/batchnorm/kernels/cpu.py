@@ -334,16 +334,43 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
 # The rows are split between threads, so each kernel has two phases: per-thread partial sums over
 # its rows (all shifted by x[0, :], so adding partials is the exact merge), a merge, then the
 # elementwise pass. The second read of x comes from L3 when the tensor fits (32 MB here).
+# A row is short (C values), so loops run over blocks of R = _CHUNK // C whole rows against
+# per-channel vectors tiled R times: one long vectorized loop instead of R short ones.
+
+@njit(**_FLAGS)
+def _tile(v, rows, dtype_like):
+    """v (C,) repeated `rows` times, in dtype_like's dtype: element i belongs to channel i % C."""
+    c = v.shape[0]
+    out = np.empty(rows * c, dtype_like.dtype)
+    for r in range(rows):
+        for j in range(c):
+            out[r * c + j] = v[j]
+    return out
+
+
+@njit(**_FLAGS)
+def _fold(tiled, c, out):
+    """out[j] += sum over the tiled copies of channel j."""
+    for r in range(tiled.shape[0] // c):
+        for j in range(c):
+            out[j] += tiled[r * c + j]
+
 
 def _rows_stats_kernel(x, c, s1, s2, lo, hi):
     # x: (P*C,) flat rows; s1, s2: (C,) float64 partials (this thread's) of sum(d), sum(d^2),
     # d = x - x[0, :], over rows lo..hi
-    for r in range(lo, hi):
-        xr = x[r * c:(r + 1) * c]
-        for j in range(c):
-            d = xr[j] - np.float64(x[j])
-            s1[j] += d
-            s2[j] += d * d
+    rows = max(1, _CHUNK // c)
+    shift = _tile(x[:c], rows, s1)
+    t1 = np.zeros(rows * c)
+    t2 = np.zeros(rows * c)
+    for r0 in range(lo, hi, rows):
+        xr = x[r0 * c:min(hi, r0 + rows) * c]
+        for i in range(xr.shape[0]):
+            d = xr[i] - shift[i]
+            t1[i] += d
+            t2[i] += d * d
+    _fold(t1, c, s1)
+    _fold(t2, c, s2)
 
 
 def _rows_stats_merge_kernel(x, p, eps, s1, s2, st):
@@ -358,14 +385,14 @@ def _rows_stats_merge_kernel(x, p, eps, s1, s2, st):
 
 
 @njit(**_FLAGS)
-def _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, like):
-    """(C,) arrays a, b of `_coefficients`, rounded to like's dtype."""
+def _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, like):
+    """a, b of `_coefficients` for every channel, tiled `rows` times, in like's dtype."""
     c = mean.shape[0]
-    a = np.empty(c, like.dtype)
-    b = np.empty(c, like.dtype)
+    a = np.empty(c)
+    b = np.empty(c)
     for j in range(c):
         a[j], b[j] = _coefficients(mean, invstd, weight, bias, has_w, has_b, j)
-    return a, b
+    return _tile(a, rows, like), _tile(b, rows, like)
 
 
 def _rows_forward_kernel(x, z, y, c, mean, invstd, weight, bias, has_w, has_b, has_z, code, kv,
@@ -373,13 +400,11 @@ def _rows_forward_kernel(x, z, y, c, mean, invstd, weight, bias, has_w, has_b, h
     # x, z, y: (P*C,) flat rows; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants;
     # rows lo..hi. y = act(weight*(x - mean)*invstd + bias (+ z))
     k = _unpack(kv)
-    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
     rows = max(1, _CHUNK // c)
+    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, x)
     for r0 in range(lo, hi, rows):
-        r1 = min(hi, r0 + rows)
-        for r in range(r0, r1):
-            _affine(x[r * c:(r + 1) * c], z[r * c:(r + 1) * c], y[r * c:(r + 1) * c], a, b, has_z)
-        _activate(y[r0 * c:r1 * c], code, k)
+        j0, j1 = r0 * c, min(hi, r0 + rows) * c
+        _normalize(x[j0:j1], z[j0:j1], y[j0:j1], a[:j1 - j0], b[:j1 - j0], has_z, code, k)
 
 
 def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b, has_z, code,
@@ -387,14 +412,21 @@ def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b
     # dy, x, z: (P*C,) flat rows; mean, invstd, weight, bias: (C,); sg, sgx: (C,) float64
     # partials (this thread's) of sum(g), sum(g*(x - mean)) over rows lo..hi, g = dy*act'(pre)
     k = _unpack(kv)
-    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
-    buf = np.empty(c, x.dtype)
-    for r in range(lo, hi):
-        xr = x[r * c:(r + 1) * c]
-        g = _grad(dy[r * c:(r + 1) * c], xr, z[r * c:(r + 1) * c], buf, a, b, has_z, code, k)
-        for j in range(c):
-            sg[j] += g[j]
-            sgx[j] += g[j] * (np.float64(xr[j]) - np.float64(mean[j]))
+    rows = max(1, _CHUNK // c)
+    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, x)
+    mu = _tile(mean, rows, sg)
+    tg = np.zeros(rows * c)
+    tgx = np.zeros(rows * c)
+    buf = np.empty(rows * c, x.dtype)
+    for r0 in range(lo, hi, rows):
+        j0, j1 = r0 * c, min(hi, r0 + rows) * c
+        xr = x[j0:j1]
+        g = _grad(dy[j0:j1], xr, z[j0:j1], buf, a[:j1 - j0], b[:j1 - j0], has_z, code, k)
+        for i in range(j1 - j0):
+            tg[i] += g[i]
+            tgx[i] += g[i] * (np.float64(xr[i]) - mu[i])
+    _fold(tg, c, sg)
+    _fold(tgx, c, sgx)
 
 
 def _rows_grad_input_kernel(dy, x, z, dx, dz, p, c, mean, invstd, weight, bias, has_w, has_b,
@@ -406,28 +438,27 @@ def _rows_grad_input_kernel(dy, x, z, dx, dz, p, c, mean, invstd, weight, bias, 
     # starts at row 0 when need_sums, else inputs; rows lo..hi.
     # dx = a*g + p*(x - mean) + q (`_dx_coefficients`), dz = g
     k = _unpack(kv)
-    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, x)
-    mu = np.empty(c, x.dtype)
-    pp = np.empty(c, x.dtype)
-    qq = np.empty(c, x.dtype)
+    rows = max(1, _CHUNK // c)
+    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, x)
+    pq = np.empty((2, c))
     for j in range(c):
-        mu[j] = mean[j]
         total_g = sg[:, j].sum() if need_sums else np.float64(sum_g[j])
         total_gxhat = sgx[:, j].sum() * invstd[j] if need_sums else np.float64(sum_gxhat[j])
         if need_sums and lo == 0:
             sum_g[j], sum_gxhat[j] = total_g, total_gxhat
-        pp[j], qq[j] = _dx_coefficients(np.float64(a[j]), np.float64(invstd[j]), total_g,
-                                        total_gxhat,
-                                        np.float64(count[j]) if has_count else np.float64(p),
-                                        training)
-    buf = np.empty(c, x.dtype)
-    for r in range(lo, hi):
-        g = _grad(dy[r * c:(r + 1) * c], x[r * c:(r + 1) * c], z[r * c:(r + 1) * c], buf, a, b,
-                  has_z, code, k)
+        pq[0, j], pq[1, j] = _dx_coefficients(
+            np.float64(a[j]), np.float64(invstd[j]), total_g, total_gxhat,
+            np.float64(count[j]) if has_count else np.float64(p), training)
+    mu, pp, qq = _tile(mean, rows, x), _tile(pq[0], rows, x), _tile(pq[1], rows, x)
+    buf = np.empty(rows * c, x.dtype)
+    for r0 in range(lo, hi, rows):
+        j0, j1 = r0 * c, min(hi, r0 + rows) * c
+        n = j1 - j0
+        g = _grad(dy[j0:j1], x[j0:j1], z[j0:j1], buf, a[:n], b[:n], has_z, code, k)
         if write_dz:
-            dz[r * c:(r + 1) * c] = g
+            dz[j0:j1] = g
         if write_dx:
-            _grad_input(g, x[r * c:(r + 1) * c], dx[r * c:(r + 1) * c], a, mu, pp, qq)
+            _grad_input(g, x[j0:j1], dx[j0:j1], a[:n], mu[:n], pp[:n], qq[:n])
 
 
 # ---- host side: layout, threads, and the four functions of the kernel interface ------------
