@@ -1,27 +1,29 @@
 """Numba kernels for fp32/fp64 CPU batch norm: the same four functions as `native`, fused.
 
-Batch norm is memory-bound, so its speed is the number of walks over the tensor. Each kernel owns a
-channel block for its whole life and finishes it while the block is still in cache:
+Batch norm is memory-bound, so its speed is the number of walks over the tensor. The kernels
+finish each piece of the tensor while it is still in cache:
 
-- training forward: shifted sums of the block, then y = act(a*x + b (+ z)) over the same block
+- training forward: shifted sums of a channel, then y = act(a*x + b (+ z)) over the same channel
   (the second read comes from L2/L3, not memory): one read of x and one write of y from DRAM;
-- backward: sum(g) and sum(g*x_hat), then dx over the same block: reads dy and x once from DRAM;
+- backward: sum(g) and sum(g*x_hat), then dx over the same channel; g = dy*act'(pre) is
+  recomputed from x (and z), so neither y nor a mask is read;
 - eval forward: the per-channel affine plus epilogue, one pass.
 
 Two layouts, both walked in memory order through a flat view:
 - "nchw": contiguous (N, C, S), S = prod(spatial) > 1: a channel is N rows of S values; one thread
-  owns a channel.
+  owns whole channels.
 - "rows": (P, C) rows of C channels: (N, C) input, channels-last 4d/5d (P = N*spatial), and any
-  tensor with S = 1. One thread owns a block of `_BLOCK` channels (one cache line of fp32).
+  tensor with S = 1. Threads own ranges of rows: partial sums, a merge, then the elementwise pass.
 
 Numerics: statistics accumulate in float64 from x - shift, the shift being the channel's first
 element, so m2 = sum(d^2) - sum(d)^2/M does not cancel when |mean| >> std. Every partial of a
-channel uses the same shift, so plain addition is the exact merge of partials (the Chan merge
+channel uses the same shift, so plain addition is the exact merge of partials (Chan's merge
 reduces to it). The normalize and dx passes compute in x's dtype with per-channel coefficients
 formed in float64.
 
 Numba is imported when this module is, which `kernels.implementation` delays to the first CPU
-fp32/fp64 call (importing `batchnorm` stays fast). Kernels compile lazily with `cache=True`; when
+fp32/fp64 call (importing `batchnorm` stays fast). Kernels compile lazily with `cache=True`, one
+specialization per kernel and dtype (activation, residual and affine are runtime arguments); when
 the package directory is read-only the cache goes to a user directory (`_choose_cache_dir`).
 """
 
@@ -39,8 +41,6 @@ from torch import Tensor
 import numba
 from numba import njit, types
 from numba.extending import overload
-
-from batchnorm.kernels.native import accumulation_dtype
 
 
 def _choose_cache_dir() -> None:
