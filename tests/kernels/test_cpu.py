@@ -324,3 +324,13 @@ def test_read_only_package_caches_in_a_user_directory():
         for dirpath, _, _ in os.walk(root):
             os.chmod(dirpath, 0o755)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_nchw_eval_affine_without_epilogue_takes_the_native_single_pass():
+    """The dispatch falls back where the benchmark measured the Numba kernel slower."""
+    x, weight, bias, _, _ = make((2, 3, 5, 7), torch.contiguous_format, torch.float32)
+    mean, invstd = torch.randn(3), torch.rand(3) + 0.5
+    for act in ("identity", "relu"):
+        ours = cpu.forward(x, mean, invstd, weight, bias, None, act, 0.0)
+        ref = native.forward(x, mean, invstd, weight, bias, None, act, 0.0)
+        assert_scaled(ours, ref.double(), 1e-6, act)
