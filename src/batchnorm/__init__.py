@@ -7,6 +7,8 @@ from batchnorm.nn import (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchR
                           DomainBatchNorm3d, FrozenBatchNorm1d, FrozenBatchNorm2d,
                           FrozenBatchNorm3d, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d,
                           MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedBatchNorm3d, freeze, unfreeze)
+from batchnorm.nn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from batchnorm.tools import adapt, convert, eval_gap, export_onnx, fold, recalibrate, track
 
 __version__ = "0.1.0"
 
@@ -16,4 +18,6 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional",
            "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
            "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze",
            "MaskedBatchNorm1d", "MaskedBatchNorm2d", "MaskedBatchNorm3d",
-           "DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d"]
+           "DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d",
+           "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm",
+           "convert", "fold", "recalibrate", "adapt", "track", "eval_gap", "export_onnx"]

@@ -9,19 +9,25 @@ This module is the only place the update rules live (DESIGN.md, "The rules that 
 - a batch whose statistics are not finite leaves the running statistics alone (the output still
   shows the NaN) and warns once per layer; under torch.compile the guard is branch-free;
 - an empty batch (N=0) returns an empty output and changes nothing;
-- training on M=1 values per channel raises ValueError.
+- training on M=1 values per channel raises ValueError;
+- `sync=True` (SyncBatchNorm): in training, the statistics are those of the global batch over the
+  ranks of a `torch.distributed` process group (see `_sync_batch_stats`); the rules above then
+  apply to the global batch: the global M decides the M=1 error, a globally empty batch changes
+  nothing, and every rank applies the same update.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from batchnorm import kernels
-from batchnorm.kernels.native import merge_stats
+from batchnorm.kernels.native import accumulation_dtype, merge_stats
 
 __all__ = ["batch_norm", "batch_renorm", "ghost_batch_norm", "masked_batch_norm", "renorm_limits",
            "check_momentum", "check_eps"]
@@ -75,7 +81,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                momentum: float | None = 0.1, eps: float = 1e-5, *,
                num_batches_tracked: Tensor | None = None, residual: Tensor | None = None,
                activation: str = "identity", negative_slope: float = 0.01,
-               layer_name: str | None = None, warn_key: object | None = None) -> Tensor:
+               layer_name: str | None = None, warn_key: object | None = None,
+               sync: bool = False, process_group: "dist.ProcessGroup | None" = None) -> Tensor:
     """y = act(weight * (x - E[x]) / sqrt(Var[x] + eps) + bias (+ residual)), per channel (dim 1).
 
     Same semantics as `torch.nn.functional.batch_norm`: batch statistics are used when `training`
@@ -96,13 +103,21 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         negative_slope: the slope of "leaky_relu".
         layer_name: how errors and warnings name the caller, e.g. "BatchNorm2d(64)".
         warn_key: object the non-finite warning is issued once for (defaults to the call site).
+        sync: in training, compute the statistics over the global batch of all ranks of
+            `process_group` (SyncBatchNorm). Every rank must then call this in the same order, in
+            forward and backward, even with an empty batch. No communication in eval mode, with a
+            world size of 1, or when torch.distributed is not initialized.
+        process_group: the group `sync` reduces over; None is the default (world) group.
 
     Returns:
         A tensor shaped like `input`, in its dtype and memory format.
 
     Raises:
         TypeError: non-tensor or integer input.
-        ValueError: bad shapes, devices, momentum or eps; training with one value per channel.
+        ValueError: bad shapes, devices, momentum or eps; training with one value per channel
+            (with `sync`, one value over all ranks); `sync` on a rank outside `process_group`.
+        RuntimeError: with `sync`, a collective failed (a rank died or timed out); the message
+            names the layer.
     """
     name = layer_name or "batch_norm"
     _check_input(input, {"running_mean": running_mean, "running_var": running_var,
@@ -120,6 +135,10 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
 
+    if sync and training and _sync_world_size(process_group, name) > 1:
+        return _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                                num_batches_tracked, residual, activation, negative_slope,
+                                process_group, name, warn_key)
     if input.numel() == 0:
         return input.clone()
     use_batch_stats = training or running_mean is None
@@ -128,17 +147,20 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         return _normalize(input, weight, bias, residual, running_mean, invstd, eps, activation,
                           negative_slope)
 
-    values_per_channel = input.numel() // input.shape[1]
-    if values_per_channel == 1:
-        raise ValueError(
-            f"{name}: training needs more than one value per channel (got input of shape "
-            f"{_shape(input)}); use eval mode, BatchRenorm, or GroupNorm for batch size 1")
+    _check_one_value(input.numel() // input.shape[1], _shape(input), name, _ONE_VALUE_FIX)
     y, count, mean, m2 = _normalize(input, weight, bias, residual, None, None, eps, activation,
                                     negative_slope)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
     return y
+
+
+_ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
+
+
+def _one_value_error(name: str, got: str, fix: str) -> ValueError:
+    return ValueError(f"{name}: training needs more than one value per channel (got {got}); {fix}")
 
 
 def _normalize(x, weight, bias, residual, mean, invstd, eps, activation, negative_slope):
@@ -225,8 +247,7 @@ def _normalize_with_batch_stats(x: Tensor, mean: Tensor, invstd: Tensor, weight:
 
 def _check_one_value(values_per_channel: int, shape: tuple[int, ...], name: str, fix: str) -> None:
     if values_per_channel == 1:
-        raise ValueError(f"{name}: training needs more than one value per channel (got input of "
-                         f"shape {shape}); {fix}")
+        raise _one_value_error(name, f"input of shape {shape}", fix)
 
 
 def check_renorm_limits(rmax: float, dmax: float, name: str) -> None:
@@ -270,7 +291,8 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
                  momentum: float | None = 0.01, eps: float = 1e-5, *,
                  rmax: float | Tensor = 3.0, dmax: float | Tensor = 5.0,
                  num_batches_tracked: Tensor | None = None, layer_name: str | None = None,
-                 warn_key: object | None = None) -> Tensor:
+                 warn_key: object | None = None, sync: bool = False,
+                 process_group: "dist.ProcessGroup | None" = None) -> Tensor:
     """y = gamma * (x_hat * r + d) + beta, x_hat = (x - mu_B) / sigma_B, per channel (dim 1), with
 
         r = clip(sigma_B / sigma, 1/rmax, rmax),   d = clip((mu_B - mu) / sigma, -dmax, dmax),
@@ -291,6 +313,8 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
             required (r and d compare the batch with them). momentum defaults to the paper's 0.01.
         rmax: r's clipping limit, >= 1 (a number, or a 0-dim tensor from `renorm_limits`).
         dmax: d's clipping limit, >= 0 (likewise).
+        sync, process_group: as in `batch_norm`: in training, mu_B and sigma_B (so r and d) are
+            those of the global batch of the group's ranks.
 
     Raises:
         ValueError: missing running statistics, rmax < 1, dmax < 0, training with one value per
@@ -311,11 +335,17 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
                          "weight": weight, "bias": bias}, name)
     check_momentum(momentum, name)
     check_eps(eps, name)
-    if input.numel() == 0:
-        return input.clone()
-    _check_one_value(input.numel() // input.shape[1], _shape(input), name,
-                     "use eval mode or GroupNorm for batch size 1")
-    count, mean, m2 = _batch_stats(input)
+    fix = "use eval mode or GroupNorm for batch size 1"
+    syncing = sync and _sync_world_size(process_group, name) > 1
+    if syncing:
+        count, mean, m2 = _sync_batch_stats(input, process_group, name, fix)
+        if count[0] == 0:  # every rank's batch is empty: all ranks return here alike
+            return input.clone()
+    else:
+        if input.numel() == 0:
+            return input.clone()
+        _check_one_value(input.numel() // input.shape[1], _shape(input), name, fix)
+        count, mean, m2 = _batch_stats(input)
     var = m2 / count
     invstd = torch.rsqrt(var + eps)
     with torch.no_grad():
@@ -327,7 +357,11 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
     renorm_weight = r if weight is None else weight * r
     renorm_bias = d if weight is None else weight * d
     renorm_bias = renorm_bias if bias is None else renorm_bias + bias
-    y = _normalize_with_batch_stats(input, mean, invstd, renorm_weight, renorm_bias)
+    if syncing:
+        y = _sync_normalize(input, mean, invstd, count, renorm_weight, renorm_bias, None,
+                            "identity", 0.0, process_group, name)
+    else:
+        y = _normalize_with_batch_stats(input, mean, invstd, renorm_weight, renorm_bias)
     update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
                          name, warn_key)
     return y
@@ -477,7 +511,7 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
         # Data-dependent checks; compiled, an all-padding batch gives non-finite statistics, which
         # the update rule already ignores.
         if valid.shape[0] == 0:
-            return torch.zeros_like(input)
+            return torch.where(mask.unsqueeze(1), input, 0.0)  # zeros, still part of the graph
         _check_one_value(valid.shape[0], _shape(input), name,
                          "the mask leaves one valid position; use eval mode for it")
     y, count, mean, m2 = _normalize(valid, weight, bias, None, None, None, eps, "identity", 0.0)
@@ -486,3 +520,152 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
                              momentum, name, warn_key)
     out = torch.zeros_like(channels_last).masked_scatter(mask.unsqueeze(-1), y)
     return out.movedim(-1, 1)
+
+
+# ---- sync: statistics over the global batch of a process group ------------------------------
+# Two reusable pieces, which every synced variant composes: `_sync_batch_stats` (the global
+# statistics) and `_SyncNormalizeFunction` (normalization with them, whose backward all-reduces the
+# gradient sums, applied through `_sync_normalize`). Both run eagerly under torch.compile
+# (`torch.compiler.disable`): they are collectives inside Python and an autograd.Function.
+
+
+def _eager_only(fn):
+    """`torch.compiler.disable(fn)`, decided at call time: as a decorator it imports torch._dynamo
+    (seconds, and triton with it) on `import batchnorm`, and eager calls should never pay that."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
+
+
+def _sync_world_size(process_group: "dist.ProcessGroup | None", name: str) -> int:
+    """Ranks in `process_group`; 1 when torch.distributed is unavailable or not initialized, so a
+    synced model also runs in a plain single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    if dist.get_rank(process_group) < 0:
+        raise ValueError(f"{name}: sync=True on rank {dist.get_rank()}, which is not a member of "
+                         f"process_group; run the layer only on the group's ranks, or build it "
+                         f"with a group that contains this rank")
+    return dist.get_world_size(process_group)
+
+
+@_eager_only  # collectives and a data-dependent update
+def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                     num_batches_tracked, residual, activation, negative_slope, process_group,
+                     name, warn_key):
+    """Training with global statistics, then the running-statistics update, identical on every
+    rank because every rank merges the same gathered partials in the same order."""
+    count, mean, m2 = _sync_batch_stats(input, process_group, name)
+    invstd = torch.rsqrt(m2 / count.clamp_min(1) + eps)
+    y = _sync_normalize(input, mean, invstd, count, weight, bias, residual, activation,
+                        negative_slope, process_group, name)
+    if running_mean is not None and count[0] > 0:
+        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+                             momentum, name, warn_key)
+    return y
+
+
+def _collective(what: str, call, process_group, name: str) -> None:
+    """Run one collective; a failure becomes an error that names the layer and the usual causes,
+    since the backend's message names only its own internals."""
+    try:
+        call()
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"{name}: the {what} across the {dist.get_world_size(process_group)} ranks of the "
+            f"process group failed on rank {dist.get_rank()}: another rank has died, timed out, or "
+            f"did not run this layer (every rank must run the forward and backward of every synced "
+            f"layer in the same order, even with an empty batch), or the backend does not take "
+            f"these tensors. Backend error: {error}"
+        ) from error
+
+
+@_eager_only  # collectives
+@torch.no_grad()
+def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = _ONE_VALUE_FIX
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel (count, mean, m2) of the global batch: the concatenation of every rank's `x`.
+
+    Local (count, mean, m2) from the `stats` kernel (zeros for an empty local batch), one
+    all-gather of the (3, C) partials, then Chan's merge weighted by count (`merge_stats`, which
+    ignores empty partials). An all-gather rather than an all-reduce because the merge is
+    exact where summing (n, n*mean, m2 + n*mean^2) cancels catastrophically when |mean| >> std.
+    Every rank merges the same partials in the same order: the results are bitwise identical.
+
+    Raises ValueError, on every rank alike, when the global batch has one value per channel
+    (`fix` replaces the error's advice).
+    """
+    acc = accumulation_dtype(x.dtype)
+    if x.numel() > 0:
+        local = torch.stack(kernels.implementation(x).stats(x))
+    else:
+        local = x.new_zeros((3, x.shape[1]), dtype=acc)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+    _collective("all-gather of the batch statistics",
+                lambda: dist.all_gather(gathered, local, group=process_group), process_group, name)
+    partials = torch.stack(gathered)
+    count, mean, m2 = merge_stats(partials[:, 0], partials[:, 1], partials[:, 2])
+    if int(count[0]) == 1:
+        raise _one_value_error(name, f"input of shape {_shape(x)} on this rank, 1 value per "
+                                     f"channel over all {len(gathered)} ranks", fix)
+    return count, mean, m2
+
+
+@_eager_only  # an autograd.Function issuing collectives
+def _sync_normalize(x, mean, invstd, count, weight, bias, z, act, act_param, process_group, name):
+    return _SyncNormalizeFunction.apply(x, mean, invstd, count, weight, bias, z, act, act_param,
+                                        process_group, name)
+
+
+class _SyncNormalizeFunction(torch.autograd.Function):
+    """y = act(weight * (x - mean) * invstd + bias (+ z)) with the global batch statistics
+    (mean, invstd, count) of `_sync_batch_stats`, differentiating through them.
+
+    Backward: local sum(g) and sum(g * x_hat) (`backward` kernel with input_grad=False), one
+    all-reduce of the (2, C) sums, then dx from the `backward` kernel with the global sums and the
+    global count M. dweight/dbias are this rank's contributions: DDP averages parameter gradients
+    across ranks as for every other layer, so the result is the gradient of the mean of the
+    per-rank losses. An empty local batch contributes zero sums and gets empty gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mean, invstd, count, weight, bias, z, act, act_param, process_group, name):
+        if x.numel() > 0:
+            y = kernels.implementation(x).forward(x, mean, invstd, weight, bias, z, act, act_param)
+        else:
+            y = torch.empty_like(x)
+        ctx.save_for_backward(x, mean, invstd, count, weight, bias, z,
+                              y if act in kernels.OUTPUT_SAVING_ACTIVATIONS else None)
+        ctx.act, ctx.act_param, ctx.process_group, ctx.name = act, act_param, process_group, name
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, invstd, count, weight, bias, z, y = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        impl = kernels.implementation(x)
+        if x.numel() > 0:
+            _, sum_dy_xhat, sum_dy, dz = impl.backward(
+                dy, x, mean, invstd, weight, bias, z, y, ctx.act, ctx.act_param, True, None, None,
+                None, False)
+        else:
+            sum_dy_xhat, sum_dy = torch.zeros_like(invstd), torch.zeros_like(invstd)
+            dz = torch.empty_like(z) if z is not None else None
+        sums = torch.stack([sum_dy, sum_dy_xhat])
+        _collective("all-reduce of the gradient sums",
+                    lambda: dist.all_reduce(sums, group=ctx.process_group), ctx.process_group,
+                    ctx.name)
+        dx = None
+        if needs[0]:
+            if x.numel() > 0:
+                dx, _, _, _ = impl.backward(
+                    dy, x, mean, invstd, weight, bias, z, y, ctx.act, ctx.act_param, True, count,
+                    sums[0], sums[1], True)
+            else:
+                dx = torch.empty_like(x)
+        grads = kernels._grads_for_inputs(needs, (4, 5, 6), weight, bias, dx, sum_dy_xhat, sum_dy,
+                                          dz)
+        return grads + (None,) * 4

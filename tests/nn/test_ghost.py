@@ -1,6 +1,7 @@
 """GhostBatchNorm1d/2d/3d against batch norm per virtual batch (Hoffer et al. 2017) in float64."""
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 import batchnorm
@@ -102,3 +103,28 @@ def test_errors():
     with pytest.raises(ValueError, match=r"more than one value per channel.*larger "
                                          r"virtual_batch_size"):
         batchnorm.GhostBatchNorm1d(4, virtual_batch_size=1)(torch.randn(4, 4))
+
+
+def test_empty_batch_changes_nothing():
+    layer = batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2)
+    assert layer(torch.randn(0, 3, 2, 2)).shape == (0, 3, 2, 2)
+    assert int(layer.num_batches_tracked) == 0
+
+
+@settings(max_examples=25)
+@given(n=st.integers(2, 13), c=st.integers(1, 4), length=st.sampled_from([None, 1, 3, 7]),
+       vbs=st.integers(1, 14))
+def test_any_shape_matches_reference(n, c, length, vbs):
+    shape = (n, c) if length is None else (n, c, length)
+    sizes = F.virtual_batch_sizes(n, vbs, length or 1)
+    assert sum(sizes) == n and max(sizes) <= vbs + 1
+    x = torch.randn(shape, dtype=torch.float64)
+    layer = batchnorm.GhostBatchNorm1d(c, virtual_batch_size=vbs, dtype=torch.float64)
+    if vbs * (length or 1) == 1:  # every virtual batch holds one value per channel
+        with pytest.raises(ValueError, match="more than one value per channel"):
+            layer(x)
+        return
+    torch.testing.assert_close(layer(x), reference.ghost_batch_norm_train(x, None, None, 1e-5,
+                                                                          sizes), **TIGHT)
+    mean, var = reference.batch_stats(x)
+    torch.testing.assert_close(layer.running_mean, 0.1 * mean, **TIGHT)

@@ -145,3 +145,15 @@ def test_errors():
         F.batch_renorm(torch.randn(4, 3), None, None, training=True)
     with pytest.raises(ValueError, match=r"BatchRenorm1d\(4\) expected input with 4 channels"):
         batchnorm.BatchRenorm1d(4)(torch.randn(4, 3))
+
+
+def test_empty_and_nonfinite_batches_leave_the_statistics_alone():
+    layer = batchnorm.BatchRenorm1d(3)
+    assert layer(torch.randn(0, 3)).shape == (0, 3)
+    x = torch.randn(4, 3)
+    x[1, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"BatchRenorm1d\(3\): the batch statistics are not "
+                                            r"finite"):
+        y = layer(x)
+    assert y[:, 2].isnan().all()
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_var, torch.ones(3))

@@ -18,6 +18,7 @@ the closed form that differentiates through them (DESIGN.md, "The kernel boundar
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 
 import torch
@@ -31,13 +32,15 @@ OUTPUT_SAVING_ACTIVATIONS = ("relu", "leaky_relu")
 
 
 _cpu: ModuleType | None = None
+_CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def implementation(x: Tensor) -> ModuleType:
     """The dispatch table (device x dtype x layout): which module computes batch norm for `x`.
 
     CPU fp32/fp64, contiguous or channels-last: the Numba kernels (`cpu`, imported on first use
-    so that importing batchnorm does not import Numba). Everything else: `native`.
+    so that importing batchnorm does not import Numba). CUDA: the Triton kernels where they
+    apply. Everything else: `native`.
     """
     global _cpu
     if x.device.type == "cpu" and x.dtype in _CPU_DTYPES:
@@ -45,10 +48,20 @@ def implementation(x: Tensor) -> ModuleType:
             from batchnorm.kernels import cpu as _cpu
         if _cpu.supports(x):
             return _cpu
+    elif x.is_cuda and (cuda := _cuda()) is not None and cuda.supports(x):
+        return cuda
     return native
 
 
-_CPU_DTYPES = (torch.float32, torch.float64)
+@functools.cache
+def _cuda() -> ModuleType | None:
+    """The Triton kernels, imported on the first CUDA tensor (importing triton takes seconds, and
+    CPU-only runs never pay it); None when triton does not import: CUDA then runs native."""
+    try:
+        from batchnorm.kernels import cuda
+    except ImportError:
+        return None
+    return cuda
 
 
 # ---- custom ops: what torch.compile / torch.export see -------------------------------------

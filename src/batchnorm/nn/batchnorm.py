@@ -21,6 +21,10 @@ Args (all layers):
     track_running_stats: keep running_mean/running_var/num_batches_tracked buffers and use them in
         eval; when False, batch statistics are used in both modes. Default True.
     device, dtype: of the parameters and buffers.
+    sync: keyword-only; in training, compute the statistics over the global batch of all ranks of
+        `process_group` (what SyncBatchNorm does); see `batchnorm.functional.batch_norm`. Default
+        False. `batchnorm.convert_sync_batchnorm` turns it on for a whole model.
+    process_group: keyword-only; the group `sync` reduces over, None for the default group.
 
 Raises:
     ValueError: num_features <= 0, eps <= 0, momentum outside [0, 1], input of the wrong rank or
@@ -40,20 +44,38 @@ class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
     """The shared forward of our batch-norm layers; subclasses name the input ranks they accept."""
 
     _input_ranks: tuple[int, ...] = ()
+    # Whether forward honours `sync`: layers whose statistics are not one batch's (ghost, masked,
+    # domain) set False, so sync=True and convert_sync_batchnorm refuse them rather than ignore.
+    syncable: bool = True
+    # Class-level defaults too, so modules pickled before the sync option existed still load.
+    sync: bool = False
+    process_group = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None, *, bias: bool = True) -> None:
+                 dtype=None, *, bias: bool = True, sync: bool = False,
+                 process_group=None) -> None:
         name = f"{type(self).__name__}({num_features!r})"
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got "
                              f"{num_features!r}")
         F.check_eps(eps, name)
         F.check_momentum(momentum, name)
+        if process_group is not None and not sync:
+            raise ValueError(f"{name}: process_group is only used with sync=True; pass sync=True "
+                             f"or drop process_group")
+        if sync and not self.syncable:
+            raise ValueError(f"{name}: has no sync option (its statistics are not those of one "
+                             f"batch); use BatchNorm, BatchNormAct or BatchRenorm with sync=True")
         # torch < 2.13 has no `bias` argument: pass it only when it changes something.
         extra = {} if bias else {"bias": False}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **extra)
+        self.sync = sync
+        self.process_group = process_group
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", sync=True" if self.sync else "")
 
     @property
     def layer_name(self) -> str:
@@ -76,7 +98,8 @@ class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
         return F.batch_norm(
             input, *self._stats_buffers(), self.weight, self.bias, self.training,
             self.momentum, self.eps, num_batches_tracked=self.num_batches_tracked,
-            layer_name=self.layer_name, warn_key=self)
+            layer_name=self.layer_name, warn_key=self, sync=self.sync,
+            process_group=self.process_group)
 
 
 class BatchNorm1d(BatchNormBase, torch.nn.BatchNorm1d):
@@ -149,6 +172,7 @@ class BatchNormActBase(BatchNormBase):
             None, or the matching torch.nn module (instance or class); anything else raises
             ValueError, since it has no fused kernel.
         negative_slope: leaky_relu's slope, >= 0 (taken from an nn.LeakyReLU if one is given).
+        sync, process_group: statistics over the global batch of the group's ranks, as BatchNorm.
         The others: as BatchNorm (see the module docstring).
 
     Shape: forward(input, residual=None), residual shaped like input; output shaped like input.
@@ -156,8 +180,10 @@ class BatchNormActBase(BatchNormBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 *, act="relu", negative_slope: float = 0.01) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 *, act="relu", negative_slope: float = 0.01, sync: bool = False,
+                 process_group=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         sync=sync, process_group=process_group)
         self.activation, self.negative_slope = resolve_activation(act, negative_slope,
                                                                   self.layer_name)
 
@@ -167,7 +193,8 @@ class BatchNormActBase(BatchNormBase):
             input, *self._stats_buffers(), self.weight, self.bias, self.training,
             self.momentum, self.eps, num_batches_tracked=self.num_batches_tracked,
             residual=residual, activation=self.activation, negative_slope=self.negative_slope,
-            layer_name=self.layer_name, warn_key=self)
+            layer_name=self.layer_name, warn_key=self, sync=self.sync,
+            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""

@@ -46,6 +46,8 @@ class DomainBatchNormBase(BatchNormBase):
     freeze BatchNormNd by type must leave it alone.
     """
 
+    syncable = False
+
     def __init__(self, num_features: int, num_domains: int, eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *,

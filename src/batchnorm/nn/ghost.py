@@ -30,6 +30,8 @@ from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchN
 class GhostBatchNormBase(BatchNormBase):
     """The shared forward of GhostBatchNorm1d/2d/3d; see the module docstring."""
 
+    syncable = False
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, virtual_batch_size: int = 32) -> None:

@@ -32,6 +32,8 @@ from batchnorm.nn.batchnorm import BatchNormBase
 class MaskedBatchNormBase(BatchNormBase):
     """The shared forward of MaskedBatchNorm1d/2d/3d; see the module docstring."""
 
+    syncable = False
+
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         return F.masked_batch_norm(

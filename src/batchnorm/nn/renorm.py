@@ -21,6 +21,8 @@ Args (all layers):
     rmax: final limit of r, >= 1. Default 3.
     dmax: final limit of d, >= 0. Default 5.
     rmax_ramp, dmax_ramp: (start step, end step) of the linear ramps, or None for fixed limits.
+    sync, process_group: as BatchNorm: batch statistics (and so r and d) over the global batch of
+        the process group's ranks (`batchnorm.nn.sync`).
 
 Raises:
     ValueError: rmax < 1, dmax < 0, a malformed ramp, track_running_stats=False, and everything
@@ -42,7 +44,8 @@ class BatchRenormBase(BatchNormBase):
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, rmax: float = 3.0, dmax: float = 5.0,
                  rmax_ramp: tuple[int, int] | None = (5000, 40000),
-                 dmax_ramp: tuple[int, int] | None = (5000, 25000)) -> None:
+                 dmax_ramp: tuple[int, int] | None = (5000, 25000), sync: bool = False,
+                 process_group=None) -> None:
         name = f"{type(self).__name__}({num_features!r})"
         if not track_running_stats:
             raise ValueError(f"{name}: batch renorm needs track_running_stats=True (r and d "
@@ -51,7 +54,8 @@ class BatchRenormBase(BatchNormBase):
         F.check_renorm_limits(rmax, dmax, name)
         F.check_ramp(rmax_ramp, "rmax_ramp", name)
         F.check_ramp(dmax_ramp, "dmax_ramp", name)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         sync=sync, process_group=process_group)
         self.rmax, self.dmax = float(rmax), float(dmax)
         self.rmax_ramp = tuple(rmax_ramp) if rmax_ramp is not None else None
         self.dmax_ramp = tuple(dmax_ramp) if dmax_ramp is not None else None
@@ -68,7 +72,7 @@ class BatchRenormBase(BatchNormBase):
             input, self.running_mean, self.running_var, self.weight, self.bias, self.training,
             self.momentum, self.eps, rmax=rmax, dmax=dmax,
             num_batches_tracked=self.num_batches_tracked, layer_name=self.layer_name,
-            warn_key=self)
+            warn_key=self, sync=self.sync, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, "
