@@ -326,11 +326,14 @@ def test_read_only_package_caches_in_a_user_directory():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_nchw_eval_affine_without_epilogue_takes_the_native_single_pass():
-    """The dispatch falls back where the benchmark measured the Numba kernel slower."""
-    x, weight, bias, _, _ = make((2, 3, 5, 7), torch.contiguous_format, torch.float32)
-    mean, invstd = torch.randn(3), torch.rand(3) + 0.5
-    for act in ("identity", "relu"):
-        ours = cpu.forward(x, mean, invstd, weight, bias, None, act, 0.0)
-        ref = native.forward(x, mean, invstd, weight, bias, None, act, 0.0)
-        assert_scaled(ours, ref.double(), 1e-6, act)
+def test_eager_and_compiled_paths_agree_to_the_bit():
+    """Eager runs the fused train_forward, torch.compile runs the stats and forward ops with
+    invstd formed by torch.rsqrt in functional: both must give the same statistics and output."""
+    for fmt, shape in ((torch.contiguous_format, (4, 3, 5, 6)), (torch.channels_last, (4, 3, 5, 6)),
+                       (torch.contiguous_format, (9, 5))):
+        x = make(shape, fmt, torch.float32)[0]
+        y, count, mean, m2, invstd = cpu.train_forward(x, None, None, None, 1e-5, "identity", 0.0)
+        count2, mean2, m22 = cpu.stats(x)
+        invstd2 = torch.rsqrt(m22 / count2 + 1e-5)
+        assert torch.equal(mean, mean2) and torch.equal(m2, m22) and torch.equal(invstd, invstd2)
+        assert torch.equal(y, cpu.forward(x, mean2, invstd2, None, None, None, "identity", 0.0))

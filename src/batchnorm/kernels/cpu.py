@@ -42,8 +42,6 @@ import numba
 from numba import njit, types
 from numba.extending import overload
 
-from batchnorm.kernels import native
-
 
 def _choose_cache_dir() -> None:
     """Numba caches next to this file; a read-only install (site-packages owned by root, a zip,
@@ -247,28 +245,31 @@ def _nchw_stats(x, n, c, s, ch):
 
 
 @njit(**_FLAGS)
-def _nchw_channel_stats(x, n, c, s, ch, eps, st):
-    """st[:, ch] = count, mean, m2, 1/sqrt(m2/M + eps)."""
+def _nchw_channel_stats(x, n, c, s, ch, eps, one, st):
+    """st[:, ch] = count, mean, m2, one/sqrt(m2/count + eps), the last in st's dtype (eps, one
+    too), the way `functional` forms invstd with torch.rsqrt under torch.compile: the eager and
+    compiled paths then agree to the bit."""
     mu, sq = _nchw_stats(x, n, c, s, ch)
-    st[0, ch], st[1, ch], st[2, ch], st[3, ch] = n * s, mu, sq, 1.0 / np.sqrt(sq / (n * s) + eps)
+    st[0, ch], st[1, ch], st[2, ch] = n * s, mu, sq
+    st[3, ch] = one / np.sqrt(st[2, ch] / st[0, ch] + eps)
 
 
-def _nchw_stats_kernel(x, n, c, s, eps, st, lo, hi):
+def _nchw_stats_kernel(x, n, c, s, eps, one, st, lo, hi):
     # x: (N*C*S,) flat NCHW; st: (4, C) output rows count, mean, m2, invstd = 1/sqrt(m2/M + eps);
     # channels lo..hi
     for ch in range(lo, hi):
-        _nchw_channel_stats(x, n, c, s, ch, eps, st)
+        _nchw_channel_stats(x, n, c, s, ch, eps, one, st)
 
 
-def _nchw_train_forward_kernel(x, z, y, n, c, s, weight, bias, has_w, has_b, has_z, eps, code,
-                               kv, st, lo, hi):
+def _nchw_train_forward_kernel(x, z, y, n, c, s, weight, bias, has_w, has_b, has_z, eps, one,
+                               code, kv, st, lo, hi):
     # x, z, y: (N*C*S,) flat NCHW (z ignored unless has_z); weight, bias: (C,) (ignored unless
     # has_w/has_b); kv: (8,) epilogue constants; st: (4, C) output rows count, mean, m2, invstd;
     # channels lo..hi. invstd = 1/sqrt(m2/M + eps); y = act(weight*(x - mean)*invstd + bias (+ z))
     k = _unpack(kv)
     ab = np.empty(2, x.dtype)  # a, b rounded to x's dtype
     for ch in range(lo, hi):
-        _nchw_channel_stats(x, n, c, s, ch, eps, st)
+        _nchw_channel_stats(x, n, c, s, ch, eps, one, st)
         ab[0], ab[1] = _coefficients(st[1], st[3], weight, bias, has_w, has_b, ch)
         for i in range(n):
             for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
@@ -375,15 +376,15 @@ def _rows_stats_kernel(x, c, s1, s2, lo, hi):
     _fold(t2, c, s2)
 
 
-def _rows_stats_merge_kernel(x, p, eps, s1, s2, st):
+def _rows_stats_merge_kernel(x, p, eps, one, s1, s2, st):
     # x: (P*C,) flat rows; s1, s2: (T, C) per-thread partials; st: (4, C) output rows count, mean,
     # m2, invstd. mean = x[0] + sum(d)/P, m2 = sum(d^2) - sum(d)^2/P, invstd = 1/sqrt(m2/P + eps)
     for j in range(st.shape[1]):
         t1 = s1[:, j].sum()
         sq = s2[:, j].sum() - t1 * t1 / p
         sq = 0.0 if sq < 0.0 else sq
-        st[0, j], st[1, j], st[2, j], st[3, j] = p, np.float64(x[j]) + t1 / p, sq, 1.0 / np.sqrt(
-            sq / p + eps)
+        st[0, j], st[1, j], st[2, j] = p, np.float64(x[j]) + t1 / p, sq
+        st[3, j] = one / np.sqrt(st[2, j] / st[0, j] + eps)  # as `_nchw_channel_stats`
 
 
 @njit(**_FLAGS)
@@ -579,7 +580,8 @@ def _rows_stats(xf: np.ndarray, p: int, c: int, eps: float, st_np: np.ndarray) -
     s1 = np.zeros((len(ranges), c))
     s2 = np.zeros((len(ranges), c))
     _run("rows_stats", [(xf, c, s1[t], s2[t], lo, hi) for t, (lo, hi) in enumerate(ranges)])
-    _kernel("rows_stats_merge")(xf, p, eps, s1, s2, st_np)
+    typed = st_np.dtype.type
+    _kernel("rows_stats_merge")(xf, p, typed(eps), typed(1), s1, s2, st_np)
 
 
 def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -591,7 +593,7 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if kind == "rows":
         _rows_stats(xf, *dims, 1.0, st_np)
     else:
-        _run("nchw_stats", [(xf, *dims, 1.0, st_np, lo, hi)
+        _run("nchw_stats", [(xf, *dims, st_np.dtype.type(1), st_np.dtype.type(1), st_np, lo, hi)
                             for lo, hi in _ranges(dims[1], x.numel())])
     # Separate tensors: custom-op outputs may not alias each other.
     return st[0].clone(), st[1].clone(), st[2].clone()
@@ -618,8 +620,8 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tens
                               for lo, hi in _ranges(p, x.numel())])
     else:
         _run("nchw_train_forward", [(xf, zf, yf, *dims, w, b, weight is not None,
-                                     bias is not None, z is not None, float(eps), code, kv,
-                                     st_np, lo, hi) for lo, hi in _ranges(dims[1], x.numel())])
+                                     bias is not None, z is not None, st_np.dtype.type(eps),
+                                     st_np.dtype.type(1), code, kv, st_np, lo, hi) for lo, hi in _ranges(dims[1], x.numel())])
     return (y,) + st.unbind(0)
 
 
@@ -628,10 +630,6 @@ def forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias
     """y = act(weight * (x - mean) * invstd + bias (+ z)) with the given statistics."""
     acc = _ACC[x.dtype]
     kind, dims = _layout(x)
-    if kind == "nchw" and act == "identity" and z is None:
-        # A plain affine is one pass either way, and benchmarks/kernels.py measured torch's
-        # broadcast addcmul (the native path) 5-30% faster than this kernel in NCHW eval.
-        return native.forward(x, mean, invstd, weight, bias, z, act, act_param)
     y = torch.empty_like(x)
     mean_np, xf = _vector(mean, acc), _flat(x)
     args = (xf, xf if z is None else _flat(_like(z, x)), _flat(y))
