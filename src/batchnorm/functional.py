@@ -189,17 +189,24 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     The non-finite guard is a `torch.where`, so it holds without a data-dependent branch under
     torch.compile; eager mode also warns, once per `warn_key`.
     """
+    compiling = torch.compiler.is_compiling()
     finite = torch.isfinite(mean).all() & torch.isfinite(m2).all()
-    if not torch.compiler.is_compiling() and not finite:
+    if not compiling and not finite:
         _warn_nonfinite(name, warn_key)
         return
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype) if compiling else 1)
     if momentum is None:
         factor = num_batches_tracked.clamp_min(1).to(running_mean.dtype).reciprocal()
     else:
         factor = momentum
     unbiased_var = (m2 / (count - 1)).to(running_var.dtype)
+    if not compiling:
+        # The batch is finite here, so the guard is moot: update in place, 5 fewer ops (small
+        # batches are overhead-bound).
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        running_var.lerp_(unbiased_var, factor)
+        return
     new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), factor)
     new_var = torch.lerp(running_var, unbiased_var, factor)
     running_mean.copy_(torch.where(finite, new_mean, running_mean))

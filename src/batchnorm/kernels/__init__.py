@@ -31,9 +31,24 @@ ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "gelu_tanh")
 OUTPUT_SAVING_ACTIVATIONS = ("relu", "leaky_relu")
 
 
+_cpu: ModuleType | None = None
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
 def implementation(x: Tensor) -> ModuleType:
-    """The dispatch table (device x dtype x layout): which module computes batch norm for `x`."""
-    if x.is_cuda and (cuda := _cuda()) is not None and cuda.supports(x):
+    """The dispatch table (device x dtype x layout): which module computes batch norm for `x`.
+
+    CPU fp32/fp64, contiguous or channels-last: the Numba kernels (`cpu`, imported on first use
+    so that importing batchnorm does not import Numba). CUDA: the Triton kernels where they
+    apply. Everything else: `native`.
+    """
+    global _cpu
+    if x.device.type == "cpu" and x.dtype in _CPU_DTYPES:
+        if _cpu is None:
+            from batchnorm.kernels import cpu as _cpu
+        if _cpu.supports(x):
+            return _cpu
+    elif x.is_cuda and (cuda := _cuda()) is not None and cuda.supports(x):
         return cuda
     return native
 

@@ -1,0 +1,692 @@
+"""Numba kernels for fp32/fp64 CPU batch norm: the same four functions as `native`, fused.
+
+Batch norm is memory-bound, so its speed is the number of walks over the tensor. The kernels
+finish each piece of the tensor while it is still in cache:
+
+- training forward: shifted sums of a channel, then y = act(a*x + b (+ z)) over the same channel
+  (the second read comes from L2/L3, not memory): one read of x and one write of y from DRAM;
+- backward: sum(g) and sum(g*x_hat), then dx over the same channel; g = dy*act'(pre) is
+  recomputed from x (and z), so neither y nor a mask is read;
+- eval forward: the per-channel affine plus epilogue, one pass.
+
+Two layouts, both walked in memory order through a flat view:
+- "nchw": contiguous (N, C, S), S = prod(spatial) > 1: a channel is N rows of S values; one thread
+  owns whole channels.
+- "rows": (P, C) rows of C channels: (N, C) input, channels-last 4d/5d (P = N*spatial), and any
+  tensor with S = 1. Threads own ranges of rows: partial sums, a merge, then the elementwise pass.
+
+Numerics: statistics accumulate in float64 from x - shift, the shift being the channel's first
+element, so m2 = sum(d^2) - sum(d)^2/M does not cancel when |mean| >> std. Every partial of a
+channel uses the same shift, so plain addition is the exact merge of partials (Chan's merge
+reduces to it). The normalize and dx passes compute in x's dtype with per-channel coefficients
+formed in float64.
+
+Numba is imported when this module is, which `kernels.implementation` delays to the first CPU
+fp32/fp64 call (importing `batchnorm` stays fast). Kernels compile lazily with `cache=True`, one
+specialization per kernel and dtype (activation, residual and affine are runtime arguments); when
+the package directory is read-only the cache goes to a user directory (`_choose_cache_dir`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import numba
+from numba import njit, types
+from numba.extending import overload
+
+
+def _choose_cache_dir() -> None:
+    """Numba caches next to this file; a read-only install (site-packages owned by root, a zip,
+    a container layer) would recompile in every process, so point Numba at a user cache instead.
+    An explicit NUMBA_CACHE_DIR wins."""
+    if numba.config.CACHE_DIR:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    pycache = os.path.join(here, "__pycache__")
+    if os.access(pycache if os.path.isdir(pycache) else here, os.W_OK):
+        return
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for root in (xdg, os.path.join(tempfile.gettempdir(), f"batchnorm-{os.getuid()}")):
+        path = os.path.join(root, "batchnorm", "numba")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK):
+            numba.config.CACHE_DIR = path
+            return
+
+
+_choose_cache_dir()
+
+_FLAGS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+# Values per inner chunk: the chunk and its scratch stay in L1 between the fused loops.
+_CHUNK = 1024
+
+IDENTITY, RELU, LEAKY_RELU, SILU, GELU_TANH = range(5)
+ACT_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "silu": SILU,
+             "gelu_tanh": GELU_TANH}
+
+
+# ---- per-element math, shared by every kernel -------------------------------------------------
+# `k` is a tuple of x's dtype (so fp32 math stays fp32 and vectorizes; a tuple, not an array,
+# so its loads cannot alias an output):
+# k = (slope, 0.5, 1, sqrt(2/pi), 0.044715, 2, 0, 3*0.044715).
+
+@njit(**_FLAGS)
+def _act(v, code, k):
+    """act(v) for the five epilogues; gelu_tanh uses tanh(u) = 1 - 2/(1 + exp(2u))."""
+    if code == IDENTITY:
+        return v
+    if code == RELU:
+        return k[6] if v < k[6] else v
+    if code == LEAKY_RELU:
+        return v * k[0] if v < k[6] else v
+    if code == SILU:
+        return v / (k[2] + np.exp(-v))
+    u = k[3] * (v + k[4] * v * v * v)
+    return k[1] * v * (k[5] - k[5] / (k[2] + np.exp(k[5] * u)))
+
+
+@njit(**_FLAGS)
+def _act_grad(dy, v, code, k):
+    """dy * act'(v), v the pre-activation (relu/leaky_relu: the sign of v, as y > 0 iff v > 0)."""
+    if code == IDENTITY:
+        return dy
+    if code == RELU:
+        return dy if v > k[6] else k[6]
+    if code == LEAKY_RELU:
+        return dy if v > k[6] else dy * k[0]
+    if code == SILU:
+        s = k[2] / (k[2] + np.exp(-v))
+        return dy * s * (k[2] + v * (k[2] - s))
+    c = k[3]
+    t = k[2] - k[5] / (k[2] + np.exp(k[5] * c * (v + k[4] * v * v * v)))
+    return dy * (k[1] * (k[2] + t) + k[1] * v * (k[2] - t * t) * c * (k[2] + k[7] * v * v))
+
+
+def _at(coefficient, j):
+    """Element j of a per-element coefficient array, or the coefficient itself if a scalar."""
+
+
+@overload(_at)
+def _at_impl(coefficient, j):
+    # Resolved at compile time: "nchw" kernels pass a channel's scalars, "rows" kernels (C,)
+    # arrays aligned with the row, so one copy of each loop below serves both layouts.
+    if isinstance(coefficient, types.Array):
+        return lambda coefficient, j: coefficient[j]
+    return lambda coefficient, j: coefficient
+
+
+@njit(**_FLAGS)
+def _affine(x, z, out, a, b, has_z):
+    """out = a*x + b (+ z) over a slice; a, b scalars or arrays aligned with it."""
+    for j in range(out.shape[0]):
+        out[j] = _at(a, j) * x[j] + _at(b, j)
+    if has_z:
+        for j in range(out.shape[0]):
+            out[j] += z[j]
+
+
+# The activation loops below branch once, outside the loop: with `code` tested per element LLVM
+# does not unswitch the loop and nothing vectorizes (measured 5-30x slower).
+
+@njit(**_FLAGS)
+def _activate(y, code, k):
+    """y = act(y) in place over a slice."""
+    if code == RELU:
+        for j in range(y.shape[0]):
+            y[j] = _act(y[j], RELU, k)
+    elif code == LEAKY_RELU:
+        for j in range(y.shape[0]):
+            y[j] = _act(y[j], LEAKY_RELU, k)
+    elif code == SILU:
+        for j in range(y.shape[0]):
+            y[j] = _act(y[j], SILU, k)
+    elif code == GELU_TANH:
+        for j in range(y.shape[0]):
+            y[j] = _act(y[j], GELU_TANH, k)
+
+
+@njit(**_FLAGS)
+def _activation_grad(g, dy, code, k):
+    """g = dy * act'(g) in place: g holds the pre-activation on entry."""
+    if code == RELU:
+        for j in range(g.shape[0]):
+            g[j] = _act_grad(dy[j], g[j], RELU, k)
+    elif code == LEAKY_RELU:
+        for j in range(g.shape[0]):
+            g[j] = _act_grad(dy[j], g[j], LEAKY_RELU, k)
+    elif code == SILU:
+        for j in range(g.shape[0]):
+            g[j] = _act_grad(dy[j], g[j], SILU, k)
+    elif code == GELU_TANH:
+        for j in range(g.shape[0]):
+            g[j] = _act_grad(dy[j], g[j], GELU_TANH, k)
+
+
+@njit(**_FLAGS)
+def _normalize(x, z, y, a, b, has_z, code, k):
+    """y = act(a*x + b (+ z)) over a slice (the forward epilogue)."""
+    _affine(x, z, y, a, b, has_z)
+    _activate(y, code, k)
+
+
+@njit(**_FLAGS)
+def _grad(dy, x, z, buf, a, b, has_z, code, k):
+    """g = dy * act'(a*x + b (+ z)) over a slice: dy itself for identity, else written to buf."""
+    if code == IDENTITY:
+        return dy
+    g = buf[:dy.shape[0]]
+    _affine(x, z, g, a, b, has_z)
+    _activation_grad(g, dy, code, k)
+    return g
+
+
+@njit(**_FLAGS)
+def _grad_input(g, x, dx, a, mean, p, q):
+    """dx = a*g + p*(x - mean) + q over a slice (p, q: see `_dx_coefficients`)."""
+    for j in range(dx.shape[0]):
+        dx[j] = _at(a, j) * g[j] + _at(p, j) * (x[j] - _at(mean, j)) + _at(q, j)
+
+
+@njit(**_FLAGS)
+def _coefficients(mean, invstd, weight, bias, has_w, has_b, c):
+    """Fold the affine into y = a*x + b: a = weight*invstd, b = bias - mean*a (float64)."""
+    a = np.float64(invstd[c]) * (np.float64(weight[c]) if has_w else 1.0)
+    b = (np.float64(bias[c]) if has_b else 0.0) - np.float64(mean[c]) * a
+    return a, b
+
+
+@njit(**_FLAGS)
+def _dx_coefficients(a, invstd, sum_g, sum_gxhat, m, training):
+    """dx = a*(g - sum(g)/M - x_hat*sum(g*x_hat)/M) = a*g + p*(x - mean) + q with
+    p = -a*invstd*sum(g*x_hat)/M, q = -a*sum(g)/M; eval (constant statistics): p = q = 0."""
+    if not training:
+        return 0.0, 0.0
+    return -a * invstd * sum_gxhat / m, -a * sum_g / m
+
+
+@njit(**_FLAGS)
+def _unpack(kv):
+    return (kv[0], kv[1], kv[2], kv[3], kv[4], kv[5], kv[6], kv[7])
+
+
+# ---- layout "nchw": x is flat (N*C*S,), channel c is the N rows x[(n*C + c)*S : ... + S] -----
+# One thread owns a channel: statistics, then the normalize (or dx) pass over the same rows while
+# they are in L2. Loops index slices from 0: with a runtime offset in the index Numba keeps its
+# negative-index check and the loop does not vectorize (measured 5x slower).
+
+@njit(**_FLAGS)
+def _nchw_stats(x, n, c, s, ch):
+    """(mean, m2) of channel ch in float64 from d = x - x[first]: mean = shift + sum(d)/M,
+    m2 = sum(d^2) - sum(d)^2/M, M = n*s."""
+    shift = np.float64(x[ch * s])
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(n):
+        start = (i * c + ch) * s
+        xr = x[start:start + s]
+        for j in range(s):
+            d = xr[j] - shift
+            s1 += d
+            s2 += d * d
+    m = n * s
+    m2 = s2 - s1 * s1 / m
+    return shift + s1 / m, (0.0 if m2 < 0.0 else m2)
+
+
+@njit(**_FLAGS)
+def _nchw_channel_stats(x, n, c, s, ch, eps, one, st):
+    """st[:, ch] = count, mean, m2, one/sqrt(m2/count + eps), the last in st's dtype (eps, one
+    too), the way `functional` forms invstd with torch.rsqrt under torch.compile: the eager and
+    compiled paths then agree to the bit."""
+    mu, sq = _nchw_stats(x, n, c, s, ch)
+    st[0, ch], st[1, ch], st[2, ch] = n * s, mu, sq
+    st[3, ch] = one / np.sqrt(st[2, ch] / st[0, ch] + eps)
+
+
+def _nchw_stats_kernel(x, n, c, s, eps, one, st, lo, hi):
+    # x: (N*C*S,) flat NCHW; st: (4, C) output rows count, mean, m2, invstd = 1/sqrt(m2/M + eps);
+    # channels lo..hi
+    for ch in range(lo, hi):
+        _nchw_channel_stats(x, n, c, s, ch, eps, one, st)
+
+
+def _nchw_train_forward_kernel(x, z, y, n, c, s, weight, bias, has_w, has_b, has_z, eps, one,
+                               code, kv, st, lo, hi):
+    # x, z, y: (N*C*S,) flat NCHW (z ignored unless has_z); weight, bias: (C,) (ignored unless
+    # has_w/has_b); kv: (8,) epilogue constants; st: (4, C) output rows count, mean, m2, invstd;
+    # channels lo..hi. invstd = 1/sqrt(m2/M + eps); y = act(weight*(x - mean)*invstd + bias (+ z))
+    k = _unpack(kv)
+    ab = np.empty(2, x.dtype)  # a, b rounded to x's dtype
+    for ch in range(lo, hi):
+        _nchw_channel_stats(x, n, c, s, ch, eps, one, st)
+        ab[0], ab[1] = _coefficients(st[1], st[3], weight, bias, has_w, has_b, ch)
+        for i in range(n):
+            for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
+                j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
+                _normalize(x[j0:j1], z[j0:j1], y[j0:j1], ab[0], ab[1], has_z, code, k)
+
+
+def _nchw_forward_kernel(x, z, y, n, c, s, mean, invstd, weight, bias, has_w, has_b, has_z, code,
+                         kv, lo, hi):
+    # x, z, y: (N*C*S,) flat NCHW; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants;
+    # rows (n, ch) lo..hi. y = act(weight*(x - mean)*invstd + bias (+ z))
+    k = _unpack(kv)
+    ab = np.empty(2, x.dtype)
+    for row in range(lo, hi):
+        ab[0], ab[1] = _coefficients(mean, invstd, weight, bias, has_w, has_b, row % c)
+        for j0 in range(row * s, (row + 1) * s, _CHUNK):
+            j1 = min(j0 + _CHUNK, (row + 1) * s)
+            _normalize(x[j0:j1], z[j0:j1], y[j0:j1], ab[0], ab[1], has_z, code, k)
+
+
+def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias, has_w, has_b,
+                          has_z, code, kv, training, has_count, count, sum_g, sum_gxhat, need_sums,
+                          write_dx, write_dz, lo, hi):
+    # dy, x, z, dx, dz: (N*C*S,) flat NCHW; mean, invstd, weight, bias, count: (C,) (count: M
+    # per channel if has_count, else M = N*S);
+    # sum_g, sum_gxhat: (C,) sum(g), sum(g*x_hat): outputs when need_sums, else inputs;
+    # channels lo..hi.
+    # g = dy*act'(pre); dx = a*(g - sum(g)/M - x_hat*sum(g*x_hat)/M) (training) or a*g (eval)
+    k = _unpack(kv)
+    coef = np.empty(5, x.dtype)  # a, b, mean, p, q rounded to x's dtype
+    buf = np.empty(_CHUNK, x.dtype)
+    for ch in range(lo, hi):
+        a64, b64 = _coefficients(mean, invstd, weight, bias, has_w, has_b, ch)
+        inv = np.float64(invstd[ch])
+        mu = np.float64(mean[ch])
+        coef[0], coef[1], coef[2] = a64, b64, mu
+        if need_sums:
+            sg = 0.0
+            sgx = 0.0
+            for i in range(n):
+                for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
+                    j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
+                    xr = x[j0:j1]
+                    g = _grad(dy[j0:j1], xr, z[j0:j1], buf, coef[0], coef[1], has_z, code, k)
+                    for j in range(j1 - j0):
+                        sg += g[j]
+                        sgx += g[j] * (np.float64(xr[j]) - mu)
+            sum_g[ch], sum_gxhat[ch] = sg, sgx * inv
+        if write_dx or write_dz:
+            coef[3], coef[4] = _dx_coefficients(
+                a64, inv, np.float64(sum_g[ch]), np.float64(sum_gxhat[ch]),
+                np.float64(count[ch]) if has_count else np.float64(n * s), training)
+            for i in range(n):
+                for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
+                    j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
+                    g = _grad(dy[j0:j1], x[j0:j1], z[j0:j1], buf, coef[0], coef[1], has_z, code,
+                              k)
+                    if write_dz:
+                        dz[j0:j1] = g
+                    if write_dx:
+                        _grad_input(g, x[j0:j1], dx[j0:j1], coef[0], coef[2], coef[3], coef[4])
+
+
+# ---- layout "rows": x is flat (P*C,), row r holds channels x[r*C : r*C + C] ------------------
+# The rows are split between threads, so each kernel has two phases: per-thread partial sums over
+# its rows (all shifted by x[0, :], so adding partials is the exact merge), a merge, then the
+# elementwise pass. The second read of x comes from L3 when the tensor fits (32 MB here).
+# A row is short (C values), so loops run over blocks of R = _CHUNK // C whole rows against
+# per-channel vectors tiled R times: one long vectorized loop instead of R short ones.
+
+@njit(**_FLAGS)
+def _tile(v, rows, dtype_like):
+    """v (C,) repeated `rows` times, in dtype_like's dtype: element i belongs to channel i % C."""
+    c = v.shape[0]
+    out = np.empty(rows * c, dtype_like.dtype)
+    for r in range(rows):
+        for j in range(c):
+            out[r * c + j] = v[j]
+    return out
+
+
+@njit(**_FLAGS)
+def _fold(tiled, c, out):
+    """out[j] += sum over the tiled copies of channel j."""
+    for r in range(tiled.shape[0] // c):
+        for j in range(c):
+            out[j] += tiled[r * c + j]
+
+
+def _rows_stats_kernel(x, c, s1, s2, lo, hi):
+    # x: (P*C,) flat rows; s1, s2: (C,) float64 partials (this thread's) of sum(d), sum(d^2),
+    # d = x - x[0, :], over rows lo..hi
+    rows = max(1, _CHUNK // c)
+    shift = _tile(x[:c], rows, s1)
+    t1 = np.zeros(rows * c)
+    t2 = np.zeros(rows * c)
+    for r0 in range(lo, hi, rows):
+        xr = x[r0 * c:min(hi, r0 + rows) * c]
+        for i in range(xr.shape[0]):
+            d = xr[i] - shift[i]
+            t1[i] += d
+            t2[i] += d * d
+    _fold(t1, c, s1)
+    _fold(t2, c, s2)
+
+
+def _rows_stats_merge_kernel(x, p, eps, one, s1, s2, st):
+    # x: (P*C,) flat rows; s1, s2: (T, C) per-thread partials; st: (4, C) output rows count, mean,
+    # m2, invstd. mean = x[0] + sum(d)/P, m2 = sum(d^2) - sum(d)^2/P, invstd = 1/sqrt(m2/P + eps)
+    for j in range(st.shape[1]):
+        t1 = s1[:, j].sum()
+        sq = s2[:, j].sum() - t1 * t1 / p
+        sq = 0.0 if sq < 0.0 else sq
+        st[0, j], st[1, j], st[2, j] = p, np.float64(x[j]) + t1 / p, sq
+        st[3, j] = one / np.sqrt(st[2, j] / st[0, j] + eps)  # as `_nchw_channel_stats`
+
+
+@njit(**_FLAGS)
+def _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, like):
+    """a, b of `_coefficients` for every channel, tiled `rows` times, in like's dtype."""
+    c = mean.shape[0]
+    a = np.empty(c)
+    b = np.empty(c)
+    for j in range(c):
+        a[j], b[j] = _coefficients(mean, invstd, weight, bias, has_w, has_b, j)
+    return _tile(a, rows, like), _tile(b, rows, like)
+
+
+def _rows_forward_kernel(x, z, y, c, mean, invstd, weight, bias, has_w, has_b, has_z, code, kv,
+                         lo, hi):
+    # x, z, y: (P*C,) flat rows; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants;
+    # rows lo..hi. y = act(weight*(x - mean)*invstd + bias (+ z))
+    k = _unpack(kv)
+    rows = max(1, _CHUNK // c)
+    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, x)
+    for r0 in range(lo, hi, rows):
+        j0, j1 = r0 * c, min(hi, r0 + rows) * c
+        _normalize(x[j0:j1], z[j0:j1], y[j0:j1], a[:j1 - j0], b[:j1 - j0], has_z, code, k)
+
+
+def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b, has_z, code,
+                           kv, sg, sgx, lo, hi):
+    # dy, x, z: (P*C,) flat rows; mean, invstd, weight, bias: (C,); sg, sgx: (C,) float64
+    # partials (this thread's) of sum(g), sum(g*(x - mean)) over rows lo..hi, g = dy*act'(pre)
+    k = _unpack(kv)
+    rows = max(1, _CHUNK // c)
+    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, x)
+    mu = _tile(mean, rows, sg)
+    tg = np.zeros(rows * c)
+    tgx = np.zeros(rows * c)
+    buf = np.empty(rows * c, x.dtype)
+    for r0 in range(lo, hi, rows):
+        j0, j1 = r0 * c, min(hi, r0 + rows) * c
+        xr = x[j0:j1]
+        g = _grad(dy[j0:j1], xr, z[j0:j1], buf, a[:j1 - j0], b[:j1 - j0], has_z, code, k)
+        for i in range(j1 - j0):
+            tg[i] += g[i]
+            tgx[i] += g[i] * (np.float64(xr[i]) - mu[i])
+    _fold(tg, c, sg)
+    _fold(tgx, c, sgx)
+
+
+def _rows_grad_input_kernel(dy, x, z, dx, dz, p, c, mean, invstd, weight, bias, has_w, has_b,
+                            has_z, code, kv, training, has_count, count, sg, sgx, sum_g,
+                            sum_gxhat, need_sums, write_dx, write_dz, lo, hi):
+    # dy, x, z, dx, dz: (P*C,) flat rows; mean, invstd, weight, bias, count: (C,) (count: M per
+    # channel if has_count, else M = P); sg, sgx: (T, C) partials of `_rows_grad_sums_kernel`;
+    # sum_g, sum_gxhat: (C,) sum(g), sum(g*x_hat): written from the partials by the range that
+    # starts at row 0 when need_sums, else inputs; rows lo..hi.
+    # dx = a*g + p*(x - mean) + q (`_dx_coefficients`), dz = g
+    k = _unpack(kv)
+    rows = max(1, _CHUNK // c)
+    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, x)
+    pq = np.empty((2, c))
+    for j in range(c):
+        total_g = sg[:, j].sum() if need_sums else np.float64(sum_g[j])
+        total_gxhat = sgx[:, j].sum() * invstd[j] if need_sums else np.float64(sum_gxhat[j])
+        if need_sums and lo == 0:
+            sum_g[j], sum_gxhat[j] = total_g, total_gxhat
+        pq[0, j], pq[1, j] = _dx_coefficients(
+            np.float64(a[j]), np.float64(invstd[j]), total_g, total_gxhat,
+            np.float64(count[j]) if has_count else np.float64(p), training)
+    mu, pp, qq = _tile(mean, rows, x), _tile(pq[0], rows, x), _tile(pq[1], rows, x)
+    buf = np.empty(rows * c, x.dtype)
+    for r0 in range(lo, hi, rows):
+        j0, j1 = r0 * c, min(hi, r0 + rows) * c
+        n = j1 - j0
+        g = _grad(dy[j0:j1], x[j0:j1], z[j0:j1], buf, a[:n], b[:n], has_z, code, k)
+        if write_dz:
+            dz[j0:j1] = g
+        if write_dx:
+            _grad_input(g, x[j0:j1], dx[j0:j1], a[:n], mu[:n], pp[:n], qq[:n])
+
+
+# ---- host side: layout, threads, and the four functions of the kernel interface ------------
+# Threads: the kernels are serial and release the GIL; `_run` splits the channels (or rows) into
+# torch.get_num_threads() ranges and runs them on a small thread pool. Unlike Numba's parallel=True
+# this never touches an OpenMP runtime (so torch's thread setting cannot be reset), is safe in
+# fork-based DataLoader workers (the pool is rebuilt after a fork) and from several Python threads,
+# and compiles in half the time.
+# Small batches are overhead-bound (torch.nn's BatchNorm1d step on (100, 100) takes ~130 us), so
+# the host code makes as few torch calls as it can: one allocation for all per-channel outputs,
+# numpy views instead of reshapes, no dtype conversions when none is needed.
+
+_SOURCES = {f.__name__[1:-len("_kernel")]: f for f in (
+    _nchw_stats_kernel, _nchw_train_forward_kernel, _nchw_forward_kernel, _nchw_backward_kernel,
+    _rows_stats_kernel, _rows_stats_merge_kernel, _rows_forward_kernel, _rows_grad_sums_kernel,
+    _rows_grad_input_kernel)}
+_compiled: dict = {}
+_pool: ThreadPoolExecutor | None = None
+_pool_pid: int | None = None
+_ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
+# Below this many values per thread a second thread costs more (a pool hand-off, ~20 us) than it
+# saves.
+_MIN_NUMEL_PER_THREAD = 1 << 16
+
+
+def supports(x: Tensor) -> bool:
+    """Whether these kernels take `x`: a non-empty dense fp32/fp64 CPU tensor, contiguous or
+    channels-last."""
+    if x.device.type != "cpu" or x.dtype not in _ACC or x.numel() == 0:
+        return False
+    if x.is_contiguous():
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
+    return fmt is not None and x.is_contiguous(memory_format=fmt)
+
+
+def _layout(x: Tensor) -> tuple[str, tuple[int, ...]]:
+    """("nchw", (N, C, S)) or ("rows", (P, C)): how the flat memory of `x` is walked."""
+    c = x.shape[1]
+    numel = x.numel()
+    if numel == x.shape[0] * c or not x.is_contiguous():
+        return "rows", (numel // c, c)
+    return "nchw", (x.shape[0], c, numel // (x.shape[0] * c))
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    """The memory of a dense tensor as a 1-d array in memory order (a view: kernels write it)."""
+    return t.detach().numpy().ravel(order="K")
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """`t` with x's dtype and strides, so one flat index addresses the same element in both
+    (a gradient or residual may arrive in another memory format, or expanded)."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+def _vector(t: Tensor, acc: torch.dtype) -> np.ndarray:
+    t = t.detach()
+    return (t if t.dtype == acc else t.to(acc)).numpy()
+
+
+def _optional(t: Tensor | None, acc: torch.dtype, absent: np.ndarray) -> np.ndarray:
+    """(C,) parameter in the accumulation dtype; an absent one is replaced by `absent` (same
+    type, ignored by the kernel) so that absence does not create another specialization."""
+    return absent if t is None else _vector(t, acc)
+
+
+_constants: dict = {}
+
+
+def _epilogue_constants(dtype: np.dtype, slope: float) -> np.ndarray:
+    key = (dtype, slope)
+    kv = _constants.get(key)
+    if kv is None:
+        kv = _constants[key] = np.array(
+            [slope, 0.5, 1.0, math.sqrt(2.0 / math.pi), 0.044715, 2.0, 0.0, 3 * 0.044715], dtype)
+    return kv
+
+
+def _kernel(name: str):
+    kernel = _compiled.get(name)
+    if kernel is None:
+        kernel = _compiled[name] = njit(**_FLAGS)(_SOURCES[name])
+    return kernel
+
+
+def _ranges(items: int, numel: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges splitting `items` channels or rows between torch.get_num_threads()
+    threads, fewer when there is too little work."""
+    threads = max(1, min(torch.get_num_threads(), items, numel // _MIN_NUMEL_PER_THREAD))
+    return [(items * t // threads, items * (t + 1) // threads) for t in range(threads)]
+
+
+def _run(name: str, calls: list[tuple]) -> None:
+    """kernel(*args) for each args in `calls`: the first on this thread, the rest on the pool."""
+    global _pool, _pool_pid
+    kernel = _kernel(name)
+    if len(calls) == 1:
+        kernel(*calls[0])
+        return
+    if _pool is None or _pool_pid != os.getpid():
+        # A forked child inherits the pool object but not its threads: build a new one.
+        _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                   thread_name_prefix="batchnorm-cpu")
+        _pool_pid = os.getpid()
+    futures = [_pool.submit(kernel, *args) for args in calls[1:]]
+    kernel(*calls[0])
+    for future in futures:
+        future.result()
+
+
+def _rows_stats(xf: np.ndarray, p: int, c: int, eps: float, st_np: np.ndarray) -> None:
+    ranges = _ranges(p, p * c)
+    s1 = np.zeros((len(ranges), c))
+    s2 = np.zeros((len(ranges), c))
+    _run("rows_stats", [(xf, c, s1[t], s2[t], lo, hi) for t, (lo, hi) in enumerate(ranges)])
+    typed = st_np.dtype.type
+    _kernel("rows_stats_merge")(xf, p, typed(eps), typed(1), s1, s2, st_np)
+
+
+def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel (count, mean, m2) of a non-empty (N, C, *spatial) tensor; see the module
+    docstring for the numerics."""
+    kind, dims = _layout(x)
+    st = torch.empty((4, x.shape[1]), dtype=_ACC[x.dtype])
+    st_np, xf = st.numpy(), _flat(x)
+    if kind == "rows":
+        _rows_stats(xf, *dims, 1.0, st_np)
+    else:
+        _run("nchw_stats", [(xf, *dims, st_np.dtype.type(1), st_np.dtype.type(1), st_np, lo, hi)
+                            for lo, hi in _ranges(dims[1], x.numel())])
+    # Separate tensors: custom-op outputs may not alias each other.
+    return st[0].clone(), st[1].clone(), st[2].clone()
+
+
+def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tensor | None,
+                  eps: float, act: str, act_param: float
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Statistics and normalization in one pass per channel block. Returns (y, count, mean, m2,
+    invstd)."""
+    acc = _ACC[x.dtype]
+    kind, dims = _layout(x)
+    y = torch.empty_like(x)
+    st = torch.empty((4, x.shape[1]), dtype=acc)
+    st_np, xf, yf = st.numpy(), _flat(x), _flat(y)
+    zf = xf if z is None else _flat(_like(z, x))
+    w, b = _optional(weight, acc, st_np[0]), _optional(bias, acc, st_np[0])
+    code, kv = ACT_CODES[act], _epilogue_constants(xf.dtype, act_param)
+    if kind == "rows":
+        p, c = dims
+        _rows_stats(xf, p, c, float(eps), st_np)
+        _run("rows_forward", [(xf, zf, yf, c, st_np[1], st_np[3], w, b, weight is not None,
+                               bias is not None, z is not None, code, kv, lo, hi)
+                              for lo, hi in _ranges(p, x.numel())])
+    else:
+        _run("nchw_train_forward", [(xf, zf, yf, *dims, w, b, weight is not None,
+                                     bias is not None, z is not None, st_np.dtype.type(eps),
+                                     st_np.dtype.type(1), code, kv, st_np, lo, hi) for lo, hi in _ranges(dims[1], x.numel())])
+    return (y,) + st.unbind(0)
+
+
+def forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+            z: Tensor | None, act: str, act_param: float) -> Tensor:
+    """y = act(weight * (x - mean) * invstd + bias (+ z)) with the given statistics."""
+    acc = _ACC[x.dtype]
+    kind, dims = _layout(x)
+    y = torch.empty_like(x)
+    mean_np, xf = _vector(mean, acc), _flat(x)
+    args = (xf, xf if z is None else _flat(_like(z, x)), _flat(y))
+    params = (mean_np, _vector(invstd, acc), _optional(weight, acc, mean_np),
+              _optional(bias, acc, mean_np), weight is not None, bias is not None, z is not None,
+              ACT_CODES[act], _epilogue_constants(xf.dtype, act_param))
+    if kind == "rows":
+        p, c = dims
+        _run("rows_forward", [args + (c,) + params + r for r in _ranges(p, x.numel())])
+    else:
+        n, c, _ = dims
+        _run("nchw_forward", [args + dims + params + r for r in _ranges(n * c, x.numel())])
+    return y
+
+
+def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+             bias: Tensor | None, z: Tensor | None, y: Tensor | None, act: str, act_param: float,
+             training: bool, count: Tensor | None, sum_dy: Tensor | None,
+             sum_dy_xhat: Tensor | None, input_grad: bool
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Closed-form backward, (dx, dweight, dbias, dz): the formulas of `native.backward`, with
+    g = dy*act'(pre) recomputed from x (and z), so `y` is not read."""
+    acc = _ACC[x.dtype]
+    kind, dims = _layout(x)
+    c = x.shape[1]
+    dy = _like(dy, x)
+    need_sums = sum_dy is None or sum_dy_xhat is None
+    if need_sums:
+        # Two allocations, not one split in two: custom-op outputs may not alias each other.
+        sum_dy, sum_dy_xhat = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+    sums = (_vector(sum_dy, acc), _vector(sum_dy_xhat, acc))
+    dx = torch.empty_like(x) if input_grad else None
+    write_dz = z is not None and act != "identity"
+    dz = torch.empty_like(x) if write_dz else None
+    mean_np, xf = _vector(mean, acc), _flat(x)
+    tensors = (_flat(dy), xf, xf if z is None else _flat(_like(z, x)))
+    outputs = (xf if dx is None else _flat(dx), _flat(dz) if write_dz else xf)
+    params = (mean_np, _vector(invstd, acc), _optional(weight, acc, mean_np), _optional(bias, acc, mean_np),
+              weight is not None, bias is not None, z is not None, ACT_CODES[act],
+              _epilogue_constants(xf.dtype, act_param))
+    counts = (count is not None, mean_np if count is None else _vector(count, acc))
+    if kind == "rows":
+        p = dims[0]
+        ranges = _ranges(p, x.numel())
+        sg, sgx = np.zeros((len(ranges), c)), np.zeros((len(ranges), c))
+        if need_sums:
+            _run("rows_grad_sums", [tensors + (c,) + params + (sg[t], sgx[t], lo, hi)
+                                    for t, (lo, hi) in enumerate(ranges)])
+        _run("rows_grad_input", [tensors + outputs + dims + params + (training,) + counts + (
+            sg, sgx) + sums + (need_sums, input_grad, write_dz, lo, hi) for lo, hi in ranges])
+    else:
+        _run("nchw_backward", [tensors + outputs + dims + params + (training,) + counts + sums + (
+            need_sums, input_grad, write_dz, lo, hi) for lo, hi in _ranges(c, x.numel())])
+    if dx is None:
+        dx = x.new_empty(0)
+    if z is None:
+        dz = x.new_empty(0)
+    elif not write_dz:
+        dz = dy
+    return dx, sum_dy_xhat, sum_dy, dz if z is None or dz.dtype == z.dtype else dz.to(z.dtype)

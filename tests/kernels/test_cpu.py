@@ -1,0 +1,339 @@
+"""The Numba CPU kernels (`batchnorm.kernels.cpu`) against the float64 reference and torch.nn.
+
+Every layout the kernels walk ("nchw": contiguous with spatial > 1; "rows": (N, C), channels-last,
+spatial 1x1), every epilogue with and without the residual, awkward sizes (C=1, 1x1 spatial, N=1
+with spatial > 1, primes, sizes that are not a multiple of the vector width or of the kernels'
+chunk), and shapes large enough to be split between two threads. The reference gradients come from
+autograd through `batchnorm.reference` in float64.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+import torch
+
+from batchnorm import functional as F
+from batchnorm import kernels, reference
+from batchnorm.kernels import cpu, native
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+ACTS = kernels.ACTIVATIONS
+SLOPE = 0.2
+
+# (shape, memory format): each walks a different path through the kernels.
+SHAPES = [
+    ((2, 3, 5, 7), torch.contiguous_format),        # nchw, primes
+    ((1, 5, 4, 3), torch.contiguous_format),        # nchw, N=1 with spatial > 1
+    ((4, 1, 3, 3), torch.contiguous_format),        # nchw, C=1
+    ((3, 2, 37, 41), torch.contiguous_format),      # nchw, rows longer than the 1024-value chunk
+    ((5, 7, 13), torch.contiguous_format),          # nchw, BatchNorm1d (N, C, L)
+    ((2, 3, 2, 3, 5), torch.contiguous_format),     # nchw, 5d
+    ((13, 33), torch.contiguous_format),            # rows, (N, C)
+    ((3, 4, 1, 1), torch.contiguous_format),        # rows, spatial 1x1
+    ((2, 3, 5, 7), torch.channels_last),            # rows, channels-last
+    ((1, 11, 3, 2), torch.channels_last),           # rows, N=1, C prime
+    ((2, 3, 2, 3, 5), torch.channels_last_3d),      # rows, channels-last 3d
+    ((2, 1100, 3, 1), torch.channels_last),         # rows, more channels than the chunk
+]
+# Large enough (>= 2 * 65536 values) to be split between two threads.
+BIG = [((4, 8, 64, 65), torch.contiguous_format), ((4, 8, 64, 65), torch.channels_last),
+       ((1030, 130), torch.contiguous_format)]
+
+
+def ids(cases):
+    return [f"{'x'.join(map(str, s))}-{str(f).split('.')[-1]}" for s, f in cases]
+
+
+def make(shape, fmt, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+    x = x.contiguous(memory_format=fmt)
+    weight = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    bias = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    z = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    return x, weight, bias, z, dy
+
+
+def reference_step(x, weight, bias, z, dy, act, training, mean=None, var=None, eps=1e-5):
+    """Float64 forward by the textbook formulas and the gradients autograd takes through them."""
+    x64 = x.double().requires_grad_()
+    w64 = weight.double().requires_grad_() if weight is not None else None
+    b64 = bias.double().requires_grad_() if bias is not None else None
+    z64 = z.double().requires_grad_() if z is not None else None
+    if training:
+        mean, var = reference.batch_stats(x64)
+    pre = reference.normalize(x64, mean, var, w64, b64, eps)
+    if z64 is not None:
+        pre = pre + z64
+    y = reference.activate(pre, act, SLOPE)
+    leaves = {name: t for name, t in zip(("x", "weight", "bias", "z"), (x64, w64, b64, z64))
+              if t is not None}
+    grads = torch.autograd.grad(y, list(leaves.values()), dy.double())
+    return y.detach(), dict(zip(leaves, grads))
+
+
+def assert_scaled(actual, expected, tol, what):
+    scale = max(expected.abs().max().item(), 1.0)
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x scale {scale:.3g}"
+
+
+def run_ours(x, weight, bias, z, dy, act, training, running=None, eps=1e-5):
+    x = x.detach().requires_grad_()
+    params = [t.detach().requires_grad_() for t in (weight, bias)]
+    zz = z.detach().requires_grad_() if z is not None else None
+    rm, rv = running if running is not None else (None, None)
+    y = F.batch_norm(x, rm, rv, params[0], params[1], training, 0.1, eps, residual=zz,
+                     activation=act, negative_slope=SLOPE)
+    y.backward(dy)
+    grads = {"x": x.grad, "weight": params[0].grad, "bias": params[1].grad}
+    if zz is not None:
+        grads["z"] = zz.grad
+    return y, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape,fmt", SHAPES + BIG, ids=ids(SHAPES + BIG))
+def test_training_forward_and_backward_match_the_float64_reference(shape, fmt, dtype):
+    x, weight, bias, z, dy = make(shape, fmt, dtype)
+    assert kernels.implementation(x) is cpu
+    tol = TOL[dtype]
+    for act in ACTS:
+        for residual in (None, z):
+            what = f"{act}, residual={residual is not None}"
+            y, grads = run_ours(x, weight, bias, residual, dy, act, True)
+            y_ref, grads_ref = reference_step(x, weight, bias, residual, dy, act, True)
+            assert y.dtype == dtype and y.stride() == x.stride(), what
+            assert_scaled(y, y_ref, tol, f"y ({what})")
+            for name, g in grads_ref.items():
+                assert_scaled(grads[name], g, tol, f"d{name} ({what})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape,fmt", SHAPES[:1] + SHAPES[6:9] + BIG[:2],
+                         ids=ids(SHAPES[:1] + SHAPES[6:9] + BIG[:2]))
+def test_eval_forward_and_backward_match_the_float64_reference(shape, fmt, dtype):
+    x, weight, bias, z, dy = make(shape, fmt, dtype)
+    c = shape[1]
+    rm = torch.linspace(2, 4, c, dtype=dtype)
+    rv = torch.linspace(0.5, 5, c, dtype=dtype)
+    for act in ACTS:
+        for residual in (None, z):
+            what = f"{act}, residual={residual is not None}"
+            y, grads = run_ours(x, weight, bias, residual, dy, act, False, (rm, rv))
+            y_ref, grads_ref = reference_step(x, weight, bias, residual, dy, act, False,
+                                              rm.double(), rv.double())
+            assert_scaled(y, y_ref, TOL[dtype], f"y ({what})")
+            for name, g in grads_ref.items():
+                assert_scaled(grads[name], g, TOL[dtype], f"d{name} ({what})")
+
+
+@pytest.mark.parametrize("shape,fmt", [SHAPES[0], SHAPES[6], SHAPES[8], BIG[0], BIG[1]],
+                         ids=ids([SHAPES[0], SHAPES[6], SHAPES[8], BIG[0], BIG[1]]))
+def test_statistics_match_the_reference_and_survive_a_mean_that_dwarfs_the_std(shape, fmt):
+    x = (torch.randn(shape, dtype=torch.float64) * 1e-2 + 1e4).float().contiguous(memory_format=fmt)
+    count, mean, m2 = cpu.stats(x)
+    mean_ref, var_ref = reference.batch_stats(x)
+    assert torch.equal(count, torch.full_like(count, x.numel() // shape[1]))
+    assert_scaled(mean, mean_ref, 1e-6, "mean")
+    assert ((m2 / count).double() - var_ref).abs().max() <= 1e-3 * var_ref.min()
+    y, count2, mean2, m22, invstd = cpu.train_forward(x, None, None, None, 1e-5, "identity", 0.0)
+    assert torch.equal(mean2, mean) and torch.equal(m22, m2)
+    assert_scaled(invstd, 1 / torch.sqrt(var_ref + 1e-5), 1e-5, "invstd")
+
+
+@pytest.mark.parametrize("shape,fmt", [SHAPES[0], SHAPES[8], SHAPES[6]],
+                         ids=ids([SHAPES[0], SHAPES[8], SHAPES[6]]))
+def test_training_step_matches_torch_nn(shape, fmt):
+    import batchnorm
+    layer = {2: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d}[len(shape)](shape[1])
+    ref = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[len(shape)](shape[1])
+    x, *_, dy = make(shape, fmt, torch.float32)
+    for _ in range(2):
+        xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+        ys = [layer(xs[0]), ref(xs[1])]
+        for y in ys:
+            y.backward(dy)
+        assert_scaled(ys[0], ys[1].detach().double(), 1e-5, "y")
+        assert_scaled(xs[0].grad, xs[1].grad.double(), 1e-5, "dx")
+        for name in ("weight", "bias"):
+            assert_scaled(getattr(layer, name).grad, getattr(ref, name).grad.double(), 1e-5, name)
+    for name in ("running_mean", "running_var"):
+        assert_scaled(getattr(layer, name), getattr(ref, name).double(), 1e-5, name)
+
+
+@pytest.mark.parametrize("shape,fmt", [((3, 2, 4, 5), torch.contiguous_format),
+                                       ((3, 2, 4, 5), torch.channels_last),
+                                       ((6, 3), torch.contiguous_format)],
+                         ids=["nchw", "channels-last", "rows"])
+@pytest.mark.parametrize("act", ["identity", "silu"])
+def test_gradcheck_in_float64_through_the_numba_path(shape, fmt, act):
+    x, weight, bias, z, _ = make(shape, fmt, torch.float64)
+    assert kernels.implementation(x) is cpu
+    inputs = [t.detach().requires_grad_() for t in (x, weight, bias, z)]
+
+    def fn(x, weight, bias, z):
+        return F.batch_norm(x, None, None, weight, bias, True, residual=z, activation=act)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_backward_with_given_reductions_uses_them():
+    """SyncBatchNorm's path: sum(dy), sum(dy*x_hat) and the count are passed in."""
+    x, weight, bias, _, dy = make((4, 3, 5, 6), torch.contiguous_format, torch.float64)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xx, dyy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+        _, _, mean, _, invstd = cpu.train_forward(xx, weight, bias, None, 1e-5, "identity", 0.0)
+        sum_dy = torch.arange(3, dtype=torch.float64)
+        sum_dy_xhat = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+        count = torch.full((3,), 1000.0, dtype=torch.float64)
+        ours = cpu.backward(dyy, xx, mean, invstd, weight, bias, None, None, "identity", 0.0, True,
+                            count, sum_dy, sum_dy_xhat, True)
+        ref = native.backward(dyy, xx, mean, invstd, weight, bias, None, None, "identity", 0.0,
+                              True, count, sum_dy, sum_dy_xhat, True)
+        for a, b in zip(ours[:3], ref[:3]):
+            assert_scaled(a, b, 1e-12, "given reductions")
+
+
+def test_gradient_in_another_memory_format_and_expanded():
+    x, weight, bias, _, _ = make((2, 3, 4, 5), torch.channels_last, torch.float32)
+    x.requires_grad_()
+    y = F.batch_norm(x, None, None, weight, bias, True, activation="relu")
+    y.sum().backward()  # dy is an expanded tensor of ones
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = reference.activate(reference.normalize(x_ref, *reference.batch_stats(x_ref),
+                                                   weight, bias, 1e-5), "relu")
+    y_ref.sum().backward()
+    assert_scaled(x.grad, x_ref.grad, 1e-5, "dx")
+
+
+def test_non_finite_input_gives_non_finite_statistics_and_output():
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 2, 3, 3] = float("nan")
+    y, count, mean, m2, invstd = cpu.train_forward(x, None, None, None, 1e-5, "relu", 0.0)
+    assert mean[:2].isfinite().all() and not mean[2].isfinite()
+    assert y[:, 2].isnan().all() and y[:, :2].isfinite().all()
+
+
+def test_dispatch_table():
+    assert kernels.implementation(torch.randn(2, 3, 4, 4)) is cpu
+    assert kernels.implementation(torch.randn(2, 3, 4, 4, dtype=torch.float64)) is cpu
+    assert kernels.implementation(torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)) is cpu
+    assert kernels.implementation(torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)) is native
+    assert kernels.implementation(torch.randn(2, 3, 4, 4, dtype=torch.float16)) is native
+    assert kernels.implementation(torch.randn(4, 3, 4, 2).transpose(0, 3)) is native  # strided
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_torch_thread_setting_is_left_alone(threads):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        x, weight, bias, _, dy = make(*BIG[0], torch.float32)
+        run_ours(x, weight, bias, None, dy, "relu", True)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+class _NormalizeDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        x = make(*BIG[0], torch.float32, seed=i)[0]
+        return F.batch_norm(x, None, None, training=True, activation="relu")
+
+
+def test_fork_based_dataloader_workers():
+    # The parent uses the kernels (and their thread pool) first, as a training script does.
+    parent = [_NormalizeDataset()[i] for i in range(4)]
+    loader = torch.utils.data.DataLoader(_NormalizeDataset(), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork", timeout=120)
+    for i, y in enumerate(loader):
+        assert torch.allclose(y, parent[i], atol=1e-5)
+
+
+def test_compiled_fullgraph_runs_the_numba_path():
+    x, weight, bias, z, dy = make((4, 3, 5, 5), torch.contiguous_format, torch.float32)
+
+    def step(x, weight, bias, z):
+        return F.batch_norm(x, None, None, weight, bias, True, residual=z, activation="relu")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, z)]
+    y = compiled(*leaves)
+    y.backward(dy)
+    y_ref, grads_ref = reference_step(x, weight, bias, z, dy, "relu", True)
+    assert_scaled(y, y_ref, 1e-5, "y")
+    for leaf, name in zip(leaves, ("x", "weight", "bias", "z")):
+        assert_scaled(leaf.grad, grads_ref[name], 1e-5, f"d{name}")
+
+
+def test_read_only_package_caches_in_a_user_directory():
+    """A read-only install compiles once into a user cache, and the next process loads it."""
+    import batchnorm
+    package = os.path.dirname(batchnorm.__file__)
+    root = tempfile.mkdtemp(prefix="batchnorm-readonly-")
+    try:
+        install, home = os.path.join(root, "site"), os.path.join(root, "home")
+        shutil.copytree(package, os.path.join(install, "batchnorm"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        os.makedirs(home)
+        for path in (root, install):
+            os.chmod(path, 0o755)
+        os.chmod(home, 0o777)
+        for dirpath, _, files in os.walk(install):
+            os.chmod(dirpath, 0o555)
+            for f in files:
+                os.chmod(os.path.join(dirpath, f), 0o444)
+        # Root writes through file modes, so for root the install is made read-only where the
+        # package looks: os.access.
+        script = textwrap.dedent(f"""
+            import os
+            if os.geteuid() == 0:
+                real_access = os.access
+                os.access = lambda path, mode, **kw: (
+                    False if mode == os.W_OK and os.path.abspath(path).startswith({install!r})
+                    else real_access(path, mode, **kw))
+            import torch, numba
+            from batchnorm.kernels import cpu
+            cpu.stats(torch.randn(3, 4))
+            print(numba.config.CACHE_DIR, sum(cpu._compiled["rows_stats"].stats.cache_hits.values()))
+        """)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+        env.update(PYTHONPATH=install, HOME=home, XDG_CACHE_HOME=os.path.join(home, ".cache"))
+        runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                               text=True, timeout=300) for _ in range(2)]
+        for run in runs:
+            assert run.returncode == 0, run.stderr
+        (first_dir, first_hits), (cache_dir, hits) = (run.stdout.split() for run in runs)
+        assert cache_dir == first_dir and cache_dir.startswith(home), cache_dir
+        assert not os.path.exists(os.path.join(install, "batchnorm", "kernels", "__pycache__"))
+        assert int(first_hits) == 0 and int(hits) == 1
+    finally:
+        for dirpath, _, _ in os.walk(root):
+            os.chmod(dirpath, 0o755)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_eager_and_compiled_paths_agree_to_the_bit():
+    """Eager runs the fused train_forward, torch.compile runs the stats and forward ops with
+    invstd formed by torch.rsqrt in functional: both must give the same statistics and output."""
+    for fmt, shape in ((torch.contiguous_format, (4, 3, 5, 6)), (torch.channels_last, (4, 3, 5, 6)),
+                       (torch.contiguous_format, (9, 5))):
+        x = make(shape, fmt, torch.float32)[0]
+        y, count, mean, m2, invstd = cpu.train_forward(x, None, None, None, 1e-5, "identity", 0.0)
+        count2, mean2, m22 = cpu.stats(x)
+        invstd2 = torch.rsqrt(m22 / count2 + 1e-5)
+        assert torch.equal(mean, mean2) and torch.equal(m2, m22) and torch.equal(invstd, invstd2)
+        assert torch.equal(y, cpu.forward(x, mean2, invstd2, None, None, None, "identity", 0.0))
