@@ -76,6 +76,14 @@ def _check_input(input: Tensor, per_channel: dict[str, Tensor | None], name: str
                              f"{input.device}; move the layer with .to({str(input.device)!r})")
 
 
+def _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name) -> None:
+    """The checks every batch-norm variant shares: input and per-channel tensors, momentum, eps."""
+    _check_input(input, {"running_mean": running_mean, "running_var": running_var,
+                         "weight": weight, "bias": bias}, name)
+    check_momentum(momentum, name)
+    check_eps(eps, name)
+
+
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                momentum: float | None = 0.1, eps: float = 1e-5, *,
@@ -120,10 +128,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
             names the layer.
     """
     name = layer_name or "batch_norm"
-    _check_input(input, {"running_mean": running_mean, "running_var": running_var,
-                         "weight": weight, "bias": bias}, name)
-    check_momentum(momentum, name)
-    check_eps(eps, name)
+    _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name)
     if activation not in kernels.ACTIVATIONS:
         raise ValueError(f"{name}: activation must be one of {', '.join(kernels.ACTIVATIONS)}, "
                          f"got {activation!r}")
@@ -331,10 +336,7 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
                           layer_name=name)
-    _check_input(input, {"running_mean": running_mean, "running_var": running_var,
-                         "weight": weight, "bias": bias}, name)
-    check_momentum(momentum, name)
-    check_eps(eps, name)
+    _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name)
     fix = "use eval mode or GroupNorm for batch size 1"
     syncing = sync and _sync_world_size(process_group, name) > 1
     if syncing:
@@ -418,10 +420,7 @@ def ghost_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
     if not (training or running_mean is None):
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
                           layer_name=name)
-    _check_input(input, {"running_mean": running_mean, "running_var": running_var,
-                         "weight": weight, "bias": bias}, name)
-    check_momentum(momentum, name)
-    check_eps(eps, name)
+    _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name)
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
     if input.numel() == 0:
