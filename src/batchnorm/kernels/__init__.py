@@ -18,6 +18,7 @@ the closed form that differentiates through them (DESIGN.md, "The kernel boundar
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 
 import torch
@@ -32,7 +33,20 @@ OUTPUT_SAVING_ACTIVATIONS = ("relu", "leaky_relu")
 
 def implementation(x: Tensor) -> ModuleType:
     """The dispatch table (device x dtype x layout): which module computes batch norm for `x`."""
+    if x.is_cuda and (cuda := _cuda()) is not None and cuda.supports(x):
+        return cuda
     return native
+
+
+@functools.cache
+def _cuda() -> ModuleType | None:
+    """The Triton kernels, imported on the first CUDA tensor (importing triton takes seconds, and
+    CPU-only runs never pay it); None when triton does not import: CUDA then runs native."""
+    try:
+        from batchnorm.kernels import cuda
+    except ImportError:
+        return None
+    return cuda
 
 
 # ---- custom ops: what torch.compile / torch.export see -------------------------------------
