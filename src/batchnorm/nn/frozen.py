@@ -167,7 +167,8 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 def unfreeze(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every FrozenBatchNorm1d/2d/3d in `module` (in place) with our BatchNorm1d/2d/3d
     (BatchNormAct1d/2d/3d if it fuses an activation) holding the same values, weight and bias
-    trainable again; returns `module`, or the new layer if `module` is a frozen batch norm."""
+    trainable again; returns `module`, or the new layer if `module` is a frozen batch norm.
+    momentum is the default 0.1 (a frozen layer has none to keep)."""
     def convert(m, path):
         for _, frozen_cls, plain_cls, act_cls in _KINDS:
             if type(m) is frozen_cls:
