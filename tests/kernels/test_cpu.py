@@ -250,6 +250,10 @@ def test_dispatch_table():
     assert kernels.implementation(torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)) is native
     assert kernels.implementation(torch.randn(2, 3, 4, 4, dtype=torch.float16)) is native
     assert kernels.implementation(torch.randn(4, 3, 4, 2).transpose(0, 3)) is native  # strided
+    x = torch.randn(2, 3, 4, 4)
+    assert kernels.eval_implementation(x, None, "identity") is native  # a bare affine
+    assert kernels.eval_implementation(x, None, "relu") is cpu
+    assert kernels.eval_implementation(x, x, "identity") is cpu
 
 
 @pytest.mark.parametrize("threads", [1, 2])

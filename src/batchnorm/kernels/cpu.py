@@ -225,6 +225,29 @@ def _unpack(kv):
     return (kv[0], kv[1], kv[2], kv[3], kv[4], kv[5], kv[6], kv[7])
 
 
+@njit(**_INLINE)
+def _moments(x, start, stride, rows, w, shift, t1, t2):
+    """Per lane j < w: t1[j] += sum(d), t2[j] += sum(d^2), d = x[start + r*stride + j] - shift[j],
+    over `rows` rows; four rows per walk over the accumulators, which quarters their loads and
+    stores (they, not x, bound this loop)."""
+    r = 0
+    while r + 4 <= rows:
+        o = start + r * stride
+        x0, x1 = x[o:o + w], x[o + stride:o + stride + w]
+        x2, x3 = x[o + 2 * stride:o + 2 * stride + w], x[o + 3 * stride:o + 3 * stride + w]
+        for j in range(w):
+            d0, d1, d2, d3 = x0[j] - shift[j], x1[j] - shift[j], x2[j] - shift[j], x3[j] - shift[j]
+            t1[j] += (d0 + d1) + (d2 + d3)
+            t2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    for r in range(r, rows):
+        xr = x[start + r * stride:start + r * stride + w]
+        for j in range(w):
+            d = xr[j] - shift[j]
+            t1[j] += d
+            t2[j] += d * d
+
+
 # ---- layout "nchw": x is flat (N*C*S,), channel c is the N rows x[(n*C + c)*S : ... + S] -----
 # One thread owns a channel: statistics, then the normalize (or dx) pass over the same rows while
 # they are in L2. Loops index slices from 0: with a runtime offset in the index Numba keeps its
@@ -377,12 +400,7 @@ def _lanes_forward_kernel(x, z, y, p_rows, c, s, mean, invstd, weight, bias, has
                 _spread(sh, np.float64(x[ch * s]), (ch - c0) * s, s)
             t1[:] = 0.0
             t2[:] = 0.0
-            for p in range(p_rows):
-                xr = x[p * width + l0:p * width + l0 + w]
-                for j in range(w):
-                    d = xr[j] - sh[j]
-                    t1[j] += d
-                    t2[j] += d * d
+            _moments(x, l0, width, p_rows, w, sh, t1, t2)
             m = p_rows * s
             for ch in range(c0, c1):
                 j0 = (ch - c0) * s
@@ -495,12 +513,9 @@ def _rows_stats_kernel(x, c, s1, s2, lo, hi):
     shift = _tile(x[:c], rows, s1)
     t1 = np.zeros(rows * c)
     t2 = np.zeros(rows * c)
-    for r0 in range(lo, hi, rows):
-        xr = x[r0 * c:min(hi, r0 + rows) * c]
-        for i in range(xr.shape[0]):
-            d = xr[i] - shift[i]
-            t1[i] += d
-            t2[i] += d * d
+    tiles = (hi - lo) // rows
+    _moments(x, lo * c, rows * c, tiles, rows * c, shift, t1, t2)
+    _moments(x, (lo + tiles * rows) * c, 0, 1, (hi - lo - tiles * rows) * c, shift, t1, t2)
     _fold(t1, c, s1)
     _fold(t2, c, s2)
 
