@@ -248,6 +248,33 @@ def _moments(x, start, stride, rows, w, shift, t1, t2):
             t2[j] += d * d
 
 
+@njit(**_INLINE)
+def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, k, t1, t2):
+    """Per lane j < w: t1[j] += sum(g), t2[j] += sum(g*(x - mu[j])) over `rows` rows of lanes
+    at start + r*stride, g = dy*act'(a*x + b (+ z)); without an activation g = dy, four rows per
+    walk over the accumulators (as `_moments`)."""
+    r = 0
+    if code == IDENTITY:
+        while r + 4 <= rows:
+            o = start + r * stride
+            g0, g1 = dy[o:o + w], dy[o + stride:o + stride + w]
+            g2, g3 = dy[o + 2 * stride:o + 2 * stride + w], dy[o + 3 * stride:o + 3 * stride + w]
+            x0, x1 = x[o:o + w], x[o + stride:o + stride + w]
+            x2, x3 = x[o + 2 * stride:o + 2 * stride + w], x[o + 3 * stride:o + 3 * stride + w]
+            for j in range(w):
+                t1[j] += (g0[j] + g1[j]) + (g2[j] + g3[j])
+                t2[j] += ((g0[j] * (x0[j] - mu[j]) + g1[j] * (x1[j] - mu[j]))
+                          + (g2[j] * (x2[j] - mu[j]) + g3[j] * (x3[j] - mu[j])))
+            r += 4
+    for r in range(r, rows):
+        o = start + r * stride
+        xr = x[o:o + w]
+        g = _grad(dy[o:o + w], xr, z[o:o + w], buf, a[:w], b[:w], has_z, code, k)
+        for j in range(w):
+            t1[j] += g[j]
+            t2[j] += g[j] * (xr[j] - mu[j])
+
+
 # ---- layout "nchw": x is flat (N*C*S,), channel c is the N rows x[(n*C + c)*S : ... + S] -----
 # One thread owns a channel: statistics, then the normalize (or dx) pass over the same rows while
 # they are in L2. Loops index slices from 0: with a runtime offset in the index Numba keeps its
@@ -434,7 +461,6 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
     mu = np.empty(wmax, x.dtype)
     pp = np.empty(wmax, x.dtype)
     qq = np.empty(wmax, x.dtype)
-    mu64 = np.empty(wmax)
     acc1 = np.empty(wmax)
     acc2 = np.empty(wmax)
     buf = np.empty(wmax, x.dtype)
@@ -447,18 +473,11 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
             _spread(a, av, j0, s)
             _spread(b, bv, j0, s)
             _spread(mu, mean[ch], j0, s)
-            _spread(mu64, np.float64(mean[ch]), j0, s)
         if need_sums:
-            t1, t2, m64 = acc1[:w], acc2[:w], mu64[:w]
+            t1, t2 = acc1[:w], acc2[:w]
             t1[:] = 0.0
             t2[:] = 0.0
-            for p in range(p_rows):
-                o = p * width + l0
-                xr = x[o:o + w]
-                g = _grad(dy[o:o + w], xr, z[o:o + w], buf, a[:w], b[:w], has_z, code, k)
-                for j in range(w):
-                    t1[j] += g[j]
-                    t2[j] += g[j] * (np.float64(xr[j]) - m64[j])
+            _grad_moments(dy, x, z, buf, l0, width, p_rows, w, a, b, mu, has_z, code, k, t1, t2)
             for ch in range(c0, c1):
                 j0 = (ch - c0) * s
                 sum_g[ch] = t1[j0:j0 + s].sum()
@@ -561,17 +580,15 @@ def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b
     k = _unpack(kv)
     rows = max(1, _CHUNK // c)
     a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, x)
-    mu = _tile(mean, rows, sg)
+    mu = _tile(mean, rows, x)
     tg = np.zeros(rows * c)
     tgx = np.zeros(rows * c)
     buf = np.empty(rows * c, x.dtype)
-    for r0 in range(lo, hi, rows):
-        j0, j1 = r0 * c, min(hi, r0 + rows) * c
-        xr = x[j0:j1]
-        g = _grad(dy[j0:j1], xr, z[j0:j1], buf, a[:j1 - j0], b[:j1 - j0], has_z, code, k)
-        for i in range(j1 - j0):
-            tg[i] += g[i]
-            tgx[i] += g[i] * (np.float64(xr[i]) - mu[i])
+    tiles = (hi - lo) // rows
+    _grad_moments(dy, x, z, buf, lo * c, rows * c, tiles, rows * c, a, b, mu, has_z, code, k,
+                  tg, tgx)
+    _grad_moments(dy, x, z, buf, (lo + tiles * rows) * c, 0, 1, (hi - lo - tiles * rows) * c, a,
+                  b, mu, has_z, code, k, tg, tgx)
     _fold(tg, c, sg)
     _fold(tgx, c, sgx)
 
