@@ -9,14 +9,17 @@ finish each piece of the tensor while it is still in cache:
   recomputed from x (and z), so neither y nor a mask is read;
 - eval forward: the per-channel affine plus epilogue, one pass.
 
-Two layouts, both walked in memory order through a flat view:
-- "nchw": contiguous (N, C, S), S = prod(spatial) > 1: a channel is N rows of S values; one thread
-  owns whole channels.
-- "rows": (P, C) rows of C channels: (N, C) input, channels-last 4d/5d (P = N*spatial), and any
-  tensor with S = 1. Threads own ranges of rows: partial sums, a merge, then the elementwise pass.
+Three layouts, chosen by `_plan`; the flat memory is P rows of C channels of S values
+(contiguous: P = N, S = prod(spatial); channels-last and (N, C): S = 1):
+- "nchw": S >= 512: a channel is N runs of S values; one thread owns whole channels and reduces
+  each run in registers.
+- "lanes": shorter runs: a thread owns groups of channels whose part of every row is ~2048
+  contiguous values (lanes), accumulates per lane over the rows, and the group's values fit L2.
+- "rows": S = 1 with too many rows for a group to fit L2 (channels-last, long (N, C)): threads own
+  ranges of rows: partial sums, a merge, then the elementwise pass.
 
-Numerics: statistics accumulate in float64 from x - shift, the shift being the channel's first
-element, so m2 = sum(d^2) - sum(d)^2/M does not cancel when |mean| >> std. Every partial of a
+Numerics: statistics accumulate in float64 from d = x - shift, the shift being the channel's
+first element, so m2 = sum(d^2) - sum(d)^2/M does not cancel when |mean| >> std. Every partial of a
 channel uses the same shift, so plain addition is the exact merge of partials (Chan's merge
 reduces to it). The normalize and dx passes compute in x's dtype with per-channel coefficients
 formed in float64.
