@@ -9,13 +9,17 @@ autograd through `batchnorm.reference` in float64.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,24 +31,31 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 ACTS = kernels.ACTIVATIONS
 SLOPE = 0.2
 
-# (shape, memory format): each walks a different path through the kernels.
+# (shape, memory format): each walks a different path through the kernels (`cpu._plan`; checked
+# by test_the_cases_cover_every_path).
 SHAPES = [
-    ((2, 3, 5, 7), torch.contiguous_format),        # nchw, primes
-    ((1, 5, 4, 3), torch.contiguous_format),        # nchw, N=1 with spatial > 1
-    ((4, 1, 3, 3), torch.contiguous_format),        # nchw, C=1
+    ((2, 3, 5, 7), torch.contiguous_format),        # lanes, primes
+    ((1, 5, 4, 3), torch.contiguous_format),        # lanes, N=1 with spatial > 1
+    ((4, 1, 3, 3), torch.contiguous_format),        # lanes, C=1
     ((3, 2, 37, 41), torch.contiguous_format),      # nchw, rows longer than the 1024-value chunk
-    ((5, 7, 13), torch.contiguous_format),          # nchw, BatchNorm1d (N, C, L)
-    ((2, 3, 2, 3, 5), torch.contiguous_format),     # nchw, 5d
+    ((4, 1, 32, 32), torch.contiguous_format),      # nchw, C=1
+    ((1, 3, 24, 24), torch.contiguous_format),      # nchw, N=1
+    ((5, 7, 13), torch.contiguous_format),          # lanes, BatchNorm1d (N, C, L)
+    ((2, 3, 2, 3, 5), torch.contiguous_format),     # lanes, 5d
     ((13, 33), torch.contiguous_format),            # rows, (N, C)
     ((3, 4, 1, 1), torch.contiguous_format),        # rows, spatial 1x1
     ((2, 3, 5, 7), torch.channels_last),            # rows, channels-last
     ((1, 11, 3, 2), torch.channels_last),           # rows, N=1, C prime
     ((2, 3, 2, 3, 5), torch.channels_last_3d),      # rows, channels-last 3d
-    ((2, 1100, 3, 1), torch.channels_last),         # rows, more channels than the chunk
+    ((2, 1100, 3, 1), torch.channels_last),         # lanes, channels-last, more channels than the chunk
 ]
 # Large enough (>= 2 * 65536 values) to be split between two threads.
-BIG = [((4, 8, 64, 65), torch.contiguous_format), ((4, 8, 64, 65), torch.channels_last),
-       ((1030, 130), torch.contiguous_format)]
+BIG = [((4, 8, 64, 65), torch.contiguous_format),   # nchw
+       ((4, 8, 64, 65), torch.channels_last),       # rows
+       ((1030, 130), torch.contiguous_format),      # rows
+       ((130, 75, 4, 4), torch.contiguous_format),  # lanes, one ragged group per thread
+       ((8, 40, 20, 20), torch.contiguous_format),  # lanes, several groups per thread
+       ((16, 512, 4, 4), torch.channels_last)]      # lanes, channels-last
 
 
 def ids(cases):
@@ -151,8 +162,10 @@ def test_statistics_match_the_reference_and_survive_a_mean_that_dwarfs_the_std(s
     assert_scaled(invstd, 1 / torch.sqrt(var_ref + 1e-5), 1e-5, "invstd")
 
 
-@pytest.mark.parametrize("shape,fmt", [SHAPES[0], SHAPES[8], SHAPES[6]],
-                         ids=ids([SHAPES[0], SHAPES[8], SHAPES[6]]))
+STEP_CASES = [SHAPES[0], SHAPES[3], SHAPES[8], SHAPES[10]]  # lanes, nchw, rows, rows channels-last
+
+
+@pytest.mark.parametrize("shape,fmt", STEP_CASES, ids=ids(STEP_CASES))
 def test_training_step_matches_torch_nn(shape, fmt):
     import batchnorm
     layer = {2: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d}[len(shape)](shape[1])
@@ -224,6 +237,12 @@ def test_non_finite_input_gives_non_finite_statistics_and_output():
     assert y[:, 2].isnan().all() and y[:, :2].isfinite().all()
 
 
+def test_the_cases_cover_every_path():
+    plans = {(cpu._plan(make(s, f, torch.float32)[0])[0], len(cpu._ranges(s[1], math.prod(s))))
+             for s, f in SHAPES + BIG}
+    assert plans == {(kind, threads) for kind in ("nchw", "lanes", "rows") for threads in (1, 2)}
+
+
 def test_dispatch_table():
     assert kernels.implementation(torch.randn(2, 3, 4, 4)) is cpu
     assert kernels.implementation(torch.randn(2, 3, 4, 4, dtype=torch.float64)) is cpu
@@ -261,6 +280,45 @@ def test_fork_based_dataloader_workers():
                                          multiprocessing_context="fork", timeout=120)
     for i, y in enumerate(loader):
         assert torch.allclose(y, parent[i], atol=1e-5)
+
+
+def test_a_forked_child_runs_the_kernels_on_two_threads():
+    """GNU OpenMP hangs in a forked child whose parent used it; the kernels must not (they fall
+    back to their own pool there). The child calls only the kernels: torch's own parallel ops
+    would hang there themselves."""
+    x, weight, bias, _, _ = make(*BIG[0], torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = cpu.train_forward(x, weight, bias, None, 1e-5, "relu", 0.0)[0].numpy()
+        pid = os.fork()
+        if pid == 0:
+            y = cpu.train_forward(x, weight, bias, None, 1e-5, "relu", 0.0)[0]
+            os._exit(0 if np.array_equal(y.numpy(), expected) else 1)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "child hung or differed"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch runs its ops on another thread pool")
+def test_kernels_run_on_torchs_openmp_team_and_errors_reach_the_caller():
+    team = cpu._openmp_team()
+    assert team is not None
+    seen = []
+    team(lambda i: seen.append(i), [(0,), (1,), (2,)])
+    assert sorted(seen) == [0, 1, 2]
+
+    def fail(i):
+        raise ValueError(f"call {i}")
+    with pytest.raises(ValueError, match="call"):
+        team(fail, [(0,), (1,)])
 
 
 def test_compiled_fullgraph_runs_the_numba_path():

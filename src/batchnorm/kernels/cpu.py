@@ -29,6 +29,8 @@ the package directory is read-only the cache goes to a user directory (`_choose_
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import math
 import os
 import tempfile
@@ -68,6 +70,9 @@ def _choose_cache_dir() -> None:
 _choose_cache_dir()
 
 _FLAGS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+# The loops over slices are inlined into their kernel at Numba IR level: called, each call
+# pays the reference counting of its slice arguments, which costs more than a 256-value loop.
+_INLINE = dict(_FLAGS, inline="always")
 # Values per inner chunk: the chunk and its scratch stay in L1 between the fused loops.
 _CHUNK = 1024
 
@@ -83,7 +88,8 @@ ACT_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "silu
 
 @njit(**_FLAGS)
 def _act(v, code, k):
-    """act(v) for the five epilogues; gelu_tanh uses tanh(u) = 1 - 2/(1 + exp(2u))."""
+    """act(v) for the five epilogues. gelu_tanh calls tanh itself: 1 - 2/(1 + exp(2u)) loses
+    ~1e-7 absolutely near u = 0, and the parameter gradients sum that error over the batch."""
     if code == IDENTITY:
         return v
     if code == RELU:
@@ -92,8 +98,7 @@ def _act(v, code, k):
         return v * k[0] if v < k[6] else v
     if code == SILU:
         return v / (k[2] + np.exp(-v))
-    u = k[3] * (v + k[4] * v * v * v)
-    return k[1] * v * (k[5] - k[5] / (k[2] + np.exp(k[5] * u)))
+    return k[1] * v * (k[2] + np.tanh(k[3] * (v + k[4] * v * v * v)))
 
 
 @njit(**_FLAGS)
@@ -109,7 +114,7 @@ def _act_grad(dy, v, code, k):
         s = k[2] / (k[2] + np.exp(-v))
         return dy * s * (k[2] + v * (k[2] - s))
     c = k[3]
-    t = k[2] - k[5] / (k[2] + np.exp(k[5] * c * (v + k[4] * v * v * v)))
+    t = np.tanh(c * (v + k[4] * v * v * v))
     return dy * (k[1] * (k[2] + t) + k[1] * v * (k[2] - t * t) * c * (k[2] + k[7] * v * v))
 
 
@@ -126,7 +131,7 @@ def _at_impl(coefficient, j):
     return lambda coefficient, j: coefficient
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _affine(x, z, out, a, b, has_z):
     """out = a*x + b (+ z) over a slice; a, b scalars or arrays aligned with it."""
     for j in range(out.shape[0]):
@@ -139,7 +144,7 @@ def _affine(x, z, out, a, b, has_z):
 # The activation loops below branch once, outside the loop: with `code` tested per element LLVM
 # does not unswitch the loop and nothing vectorizes (measured 5-30x slower).
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _activate(y, code, k):
     """y = act(y) in place over a slice."""
     if code == RELU:
@@ -156,7 +161,7 @@ def _activate(y, code, k):
             y[j] = _act(y[j], GELU_TANH, k)
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _activation_grad(g, dy, code, k):
     """g = dy * act'(g) in place: g holds the pre-activation on entry."""
     if code == RELU:
@@ -173,14 +178,14 @@ def _activation_grad(g, dy, code, k):
             g[j] = _act_grad(dy[j], g[j], GELU_TANH, k)
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _normalize(x, z, y, a, b, has_z, code, k):
     """y = act(a*x + b (+ z)) over a slice (the forward epilogue)."""
     _affine(x, z, y, a, b, has_z)
     _activate(y, code, k)
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _grad(dy, x, z, buf, a, b, has_z, code, k):
     """g = dy * act'(a*x + b (+ z)) over a slice: dy itself for identity, else written to buf."""
     if code == IDENTITY:
@@ -191,7 +196,7 @@ def _grad(dy, x, z, buf, a, b, has_z, code, k):
     return g
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _grad_input(g, x, dx, a, mean, p, q):
     """dx = a*g + p*(x - mean) + q over a slice (p, q: see `_dx_coefficients`)."""
     for j in range(dx.shape[0]):
@@ -331,6 +336,130 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
                         dz[j0:j1] = g
                     if write_dx:
                         _grad_input(g, x[j0:j1], dx[j0:j1], coef[0], coef[2], coef[3], coef[4])
+
+
+# ---- layout "lanes": x is flat (P*C*S,), element (p, ch, j) at (p*C + ch)*S + j ---------------
+# For short channel rows (S small: 7x7, 8x8, 14x14, and S = 1 with few rows), where a loop per row
+# of S values costs more than the values. A thread owns groups of `group` channels; the group's
+# part of every row is w = group*S contiguous values ("lanes"), and the kernels walk the rows
+# accumulating per lane (lane j belongs to channel c0 + j // S), so every inner loop is w long and
+# vectorizes. The group is sized (`_plan`) so that its P*w values stay in L2 between the statistics
+# pass and the normalize pass, as the "nchw" kernels keep a channel.
+
+@njit(**_FLAGS)
+def _spread(dst, value, j0, s):
+    """dst[j0:j0+s] = value (a channel's scalar over its lanes)."""
+    for j in range(j0, j0 + s):
+        dst[j] = value
+
+
+def _lanes_forward_kernel(x, z, y, p_rows, c, s, mean, invstd, weight, bias, has_w, has_b, has_z,
+                          batch_stats, write_y, eps, one, code, kv, st, group, lo, hi):
+    # x, z, y: (P*C*S,) flat; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants;
+    # channels lo..hi in groups of `group`. batch_stats: st (4, C) gets count, mean, m2,
+    # invstd = 1/sqrt(m2/M + eps) of x (shifted by each channel's first value, as
+    # `_nchw_stats`), and those normalize; else mean, invstd do.
+    # write_y: y = act(weight*(x - mean)*invstd + bias (+ z))
+    k = _unpack(kv)
+    width = c * s
+    wmax = group * s
+    shift = np.empty(wmax)
+    acc1 = np.empty(wmax)
+    acc2 = np.empty(wmax)
+    a = np.empty(wmax, x.dtype)
+    b = np.empty(wmax, x.dtype)
+    for c0 in range(lo, hi, group):
+        c1 = min(c0 + group, hi)
+        l0, w = c0 * s, (c1 - c0) * s
+        if batch_stats:
+            sh, t1, t2 = shift[:w], acc1[:w], acc2[:w]
+            for ch in range(c0, c1):
+                _spread(sh, np.float64(x[ch * s]), (ch - c0) * s, s)
+            t1[:] = 0.0
+            t2[:] = 0.0
+            for p in range(p_rows):
+                xr = x[p * width + l0:p * width + l0 + w]
+                for j in range(w):
+                    d = xr[j] - sh[j]
+                    t1[j] += d
+                    t2[j] += d * d
+            m = p_rows * s
+            for ch in range(c0, c1):
+                j0 = (ch - c0) * s
+                s1 = t1[j0:j0 + s].sum()
+                m2 = t2[j0:j0 + s].sum() - s1 * s1 / m
+                st[0, ch], st[1, ch], st[2, ch] = m, sh[j0] + s1 / m, (0.0 if m2 < 0.0 else m2)
+                st[3, ch] = one / np.sqrt(st[2, ch] / st[0, ch] + eps)  # as `_nchw_channel_stats`
+        if write_y:
+            for ch in range(c0, c1):
+                if batch_stats:
+                    av, bv = _coefficients(st[1], st[3], weight, bias, has_w, has_b, ch)
+                else:
+                    av, bv = _coefficients(mean, invstd, weight, bias, has_w, has_b, ch)
+                _spread(a, av, (ch - c0) * s, s)
+                _spread(b, bv, (ch - c0) * s, s)
+            for p in range(p_rows):
+                o = p * width + l0
+                _normalize(x[o:o + w], z[o:o + w], y[o:o + w], a[:w], b[:w], has_z, code, k)
+
+
+def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight, bias, has_w,
+                           has_b, has_z, code, kv, training, has_count, count, sum_g, sum_gxhat,
+                           need_sums, write_dx, write_dz, group, lo, hi):
+    # dy, x, z, dx, dz: (P*C*S,) flat; the other arguments as `_nchw_backward_kernel`'s;
+    # channels lo..hi in groups of `group` (see `_lanes_forward_kernel`).
+    k = _unpack(kv)
+    width = c * s
+    wmax = group * s
+    a = np.empty(wmax, x.dtype)
+    b = np.empty(wmax, x.dtype)
+    mu = np.empty(wmax, x.dtype)
+    pp = np.empty(wmax, x.dtype)
+    qq = np.empty(wmax, x.dtype)
+    mu64 = np.empty(wmax)
+    acc1 = np.empty(wmax)
+    acc2 = np.empty(wmax)
+    buf = np.empty(wmax, x.dtype)
+    for c0 in range(lo, hi, group):
+        c1 = min(c0 + group, hi)
+        l0, w = c0 * s, (c1 - c0) * s
+        for ch in range(c0, c1):
+            j0 = (ch - c0) * s
+            av, bv = _coefficients(mean, invstd, weight, bias, has_w, has_b, ch)
+            _spread(a, av, j0, s)
+            _spread(b, bv, j0, s)
+            _spread(mu, mean[ch], j0, s)
+            _spread(mu64, np.float64(mean[ch]), j0, s)
+        if need_sums:
+            t1, t2, m64 = acc1[:w], acc2[:w], mu64[:w]
+            t1[:] = 0.0
+            t2[:] = 0.0
+            for p in range(p_rows):
+                o = p * width + l0
+                xr = x[o:o + w]
+                g = _grad(dy[o:o + w], xr, z[o:o + w], buf, a[:w], b[:w], has_z, code, k)
+                for j in range(w):
+                    t1[j] += g[j]
+                    t2[j] += g[j] * (np.float64(xr[j]) - m64[j])
+            for ch in range(c0, c1):
+                j0 = (ch - c0) * s
+                sum_g[ch] = t1[j0:j0 + s].sum()
+                sum_gxhat[ch] = t2[j0:j0 + s].sum() * np.float64(invstd[ch])
+        if write_dx or write_dz:
+            for ch in range(c0, c1):
+                av, _ = _coefficients(mean, invstd, weight, bias, has_w, has_b, ch)
+                pc, qc = _dx_coefficients(
+                    av, np.float64(invstd[ch]), np.float64(sum_g[ch]), np.float64(sum_gxhat[ch]),
+                    np.float64(count[ch]) if has_count else np.float64(p_rows * s), training)
+                _spread(pp, pc, (ch - c0) * s, s)
+                _spread(qq, qc, (ch - c0) * s, s)
+            for p in range(p_rows):
+                o = p * width + l0
+                g = _grad(dy[o:o + w], x[o:o + w], z[o:o + w], buf, a[:w], b[:w], has_z, code, k)
+                if write_dz:
+                    dz[o:o + w] = g
+                if write_dx:
+                    _grad_input(g, x[o:o + w], dx[o:o + w], a[:w], mu[:w], pp[:w], qq[:w])
 
 
 # ---- layout "rows": x is flat (P*C,), row r holds channels x[r*C : r*C + C] ------------------
@@ -476,8 +605,8 @@ def _rows_grad_input_kernel(dy, x, z, dx, dz, p, c, mean, invstd, weight, bias, 
 
 _SOURCES = {f.__name__[1:-len("_kernel")]: f for f in (
     _nchw_stats_kernel, _nchw_train_forward_kernel, _nchw_forward_kernel, _nchw_backward_kernel,
-    _rows_stats_kernel, _rows_stats_merge_kernel, _rows_forward_kernel, _rows_grad_sums_kernel,
-    _rows_grad_input_kernel)}
+    _lanes_forward_kernel, _lanes_backward_kernel, _rows_stats_kernel, _rows_stats_merge_kernel,
+    _rows_forward_kernel, _rows_grad_sums_kernel, _rows_grad_input_kernel)}
 _compiled: dict = {}
 _pool: ThreadPoolExecutor | None = None
 _pool_pid: int | None = None
@@ -485,6 +614,14 @@ _ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
 # Below this many values per thread a second thread costs more (a pool hand-off, ~20 us) than it
 # saves.
 _MIN_NUMEL_PER_THREAD = 1 << 16
+# Layout choice (`_plan`), tuned on a 2-core EPYC with 1 MB of L2 per core: a channel row of at
+# least _SEGMENT_MIN values is walked by the "nchw" loops; shorter ones by "lanes", in groups of
+# about _LANES lanes whose values fit _L2_GROUP bytes; with S = 1 and too many rows for a group of
+# _MIN_LANES lanes to fit, by "rows".
+_SEGMENT_MIN = 512
+_LANES = 2048
+_MIN_LANES = 256
+_L2_GROUP = 1 << 19
 
 
 def supports(x: Tensor) -> bool:
@@ -498,13 +635,29 @@ def supports(x: Tensor) -> bool:
     return fmt is not None and x.is_contiguous(memory_format=fmt)
 
 
-def _layout(x: Tensor) -> tuple[str, tuple[int, ...]]:
-    """("nchw", (N, C, S)) or ("rows", (P, C)): how the flat memory of `x` is walked."""
+def _threads(numel: int) -> int:
+    """How many threads split a tensor of `numel` values: torch.get_num_threads(), fewer when
+    there is too little work."""
+    return max(1, min(torch.get_num_threads(), numel // _MIN_NUMEL_PER_THREAD))
+
+
+def _plan(x: Tensor) -> tuple[str, int, int, int, int]:
+    """(kind, P, C, S, group): the flat memory of `x` is P rows of C channels of S values
+    (contiguous: P = N; channels-last: P = N*spatial, S = 1), walked by the "nchw", "lanes" or
+    "rows" kernels; `group` is the channels per group of "lanes"."""
     c = x.shape[1]
     numel = x.numel()
-    if numel == x.shape[0] * c or not x.is_contiguous():
-        return "rows", (numel // c, c)
-    return "nchw", (x.shape[0], c, numel // (x.shape[0] * c))
+    p = x.shape[0] if x.is_contiguous() else numel // c
+    s = numel // (p * c)
+    if s >= _SEGMENT_MIN:
+        return "nchw", p, c, s, 1
+    group = min(-(-_LANES // s), max(1, _L2_GROUP // (p * s * x.element_size())),
+                -(-c // _threads(numel)))
+    if group * s < _MIN_LANES:
+        if s == 1:
+            return "rows", p, c, 1, 0
+        group = -(-_MIN_LANES // s)
+    return "lanes", p, c, s, min(group, c)
 
 
 def _flat(t: Tensor) -> np.ndarray:
@@ -550,20 +703,29 @@ def _kernel(name: str):
     return kernel
 
 
-def _ranges(items: int, numel: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges splitting `items` channels or rows between torch.get_num_threads()
-    threads, fewer when there is too little work."""
-    threads = max(1, min(torch.get_num_threads(), items, numel // _MIN_NUMEL_PER_THREAD))
-    return [(items * t // threads, items * (t + 1) // threads) for t in range(threads)]
+def _ranges(items: int, numel: int, unit: int = 1) -> list[tuple[int, int]]:
+    """[lo, hi) ranges splitting `items` channels or rows between `_threads(numel)` threads,
+    at multiples of `unit` (a "lanes" group)."""
+    units = -(-items // unit)
+    threads = min(_threads(numel), units)
+    return [(units * t // threads * unit, min(items, units * (t + 1) // threads * unit))
+            for t in range(threads)]
 
 
 def _run(name: str, calls: list[tuple]) -> None:
-    """kernel(*args) for each args in `calls`: the first on this thread, the rest on the pool."""
-    global _pool, _pool_pid
+    """kernel(*args) for each args in `calls`, in parallel: on torch's OpenMP threads where they
+    can be borrowed, else on this thread and a small pool."""
     kernel = _kernel(name)
     if len(calls) == 1:
         kernel(*calls[0])
-        return
+    elif (team := _openmp_team()) is not None:
+        team(kernel, calls)
+    else:
+        _run_on_pool(kernel, calls)
+
+
+def _run_on_pool(kernel, calls: list[tuple]) -> None:
+    global _pool, _pool_pid
     if _pool is None or _pool_pid != os.getpid():
         # A forked child inherits the pool object but not its threads: build a new one.
         _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
@@ -575,6 +737,97 @@ def _run(name: str, calls: list[tuple]) -> None:
         future.result()
 
 
+class _OpenMPTeam:
+    """Runs the kernel calls on torch's own OpenMP threads (`GOMP_parallel` of the runtime torch
+    loaded, the call `at::parallel_for` makes).
+
+    Why not our own threads: after each parallel op torch's OpenMP threads spin for a while
+    waiting for the next one, so a pool of our own that runs right after a convolution shares
+    its cores with spinning threads (measured: 2.5 ms alone, 4.5 ms after a torch op). Borrowing
+    the team instead finds them awake. The callback runs Python for a few microseconds (it takes
+    the GIL), then the nogil kernel.
+    """
+
+    _callback_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+    def __init__(self, runtime: ctypes.CDLL) -> None:
+        self._parallel = runtime.GOMP_parallel
+        self._parallel.argtypes = [self._callback_type, ctypes.c_void_p, ctypes.c_uint,
+                                   ctypes.c_uint]
+        self._parallel.restype = None
+        self._thread_num = runtime.omp_get_thread_num
+        self._num_threads = runtime.omp_get_num_threads
+        self._jobs: dict[int, tuple] = {}
+        self._keys = itertools.count(1)
+        self._callback = self._callback_type(self._work)  # kept alive as long as the team
+
+    def _work(self, key: int) -> None:
+        kernel, calls, errors = self._jobs[key]
+        try:
+            # A team smaller than asked for (OMP_THREAD_LIMIT, nesting) still runs every call.
+            for i in range(self._thread_num(), len(calls), self._num_threads()):
+                kernel(*calls[i])
+        except BaseException as error:  # raised again on the calling thread
+            errors.append(error)
+
+    def __call__(self, kernel, calls: list[tuple]) -> None:
+        key = next(self._keys)
+        errors: list[BaseException] = []
+        self._jobs[key] = (kernel, calls, errors)
+        try:
+            self._parallel(self._callback, key, len(calls), 0)
+        finally:
+            del self._jobs[key]
+        if errors:
+            raise errors[0]
+
+
+_team: _OpenMPTeam | None = None
+_team_checked = False
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    # GNU OpenMP hangs in a forked child whose parent used it (torch's own ops do too, which is
+    # why DataLoader workers run torch single-threaded): children use the pool.
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _openmp_team() -> _OpenMPTeam | None:
+    """The team of torch's OpenMP runtime, when torch runs its ops on OpenMP (its default Linux
+    build), the runtime exports GOMP_parallel, and this process is not a fork child."""
+    global _team, _team_checked
+    if _forked:
+        return None
+    if not _team_checked:
+        _team_checked = True
+        if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+            runtime = _loaded_library(("libgomp", "libiomp5", "libomp"))
+            try:
+                _team = None if runtime is None else _OpenMPTeam(ctypes.CDLL(runtime))
+            except (OSError, AttributeError):
+                _team = None
+    return _team
+
+
+def _loaded_library(names: tuple[str, ...]) -> str | None:
+    """The path of the first already-loaded shared library whose file name starts with one of
+    `names` (Linux: /proc/self/maps; elsewhere None)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rsplit(None, 1)[-1] if "/" in line else ""
+                if os.path.basename(path).startswith(names):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def _rows_stats(xf: np.ndarray, p: int, c: int, eps: float, st_np: np.ndarray) -> None:
     ranges = _ranges(p, p * c)
     s1 = np.zeros((len(ranges), c))
@@ -584,17 +837,42 @@ def _rows_stats(xf: np.ndarray, p: int, c: int, eps: float, st_np: np.ndarray) -
     _kernel("rows_stats_merge")(xf, p, typed(eps), typed(1), s1, s2, st_np)
 
 
+def _batch_stats(x: Tensor, z: Tensor | None, y: Tensor | None, weight: Tensor | None,
+                 bias: Tensor | None, eps: float, act: str, act_param: float) -> Tensor:
+    """(4, C) count, mean, m2, invstd of `x`, and y = act(x_hat*weight + bias (+ z)) into `y`
+    unless it is None: the fused training forward, and the `stats` op."""
+    acc = _ACC[x.dtype]
+    kind, p, c, s, group = _plan(x)
+    st = torch.empty((4, c), dtype=acc)
+    st_np, xf = st.numpy(), _flat(x)
+    yf = xf if y is None else _flat(y)
+    zf = xf if z is None else _flat(_like(z, x))
+    w, b = _optional(weight, acc, st_np[0]), _optional(bias, acc, st_np[0])
+    code, kv = ACT_CODES[act], _epilogue_constants(xf.dtype, act_param)
+    eps_t, one = st_np.dtype.type(eps), st_np.dtype.type(1)
+    flags = (weight is not None, bias is not None, z is not None)
+    numel = x.numel()
+    if kind == "rows":
+        _rows_stats(xf, p, c, eps_t, st_np)
+        if y is not None:
+            _run("rows_forward", [(xf, zf, yf, c, st_np[1], st_np[3], w, b, *flags, code, kv,
+                                   lo, hi) for lo, hi in _ranges(p, numel)])
+    elif kind == "lanes":
+        _run("lanes_forward", [(xf, zf, yf, p, c, s, st_np[1], st_np[3], w, b, *flags, True,
+                                y is not None, eps_t, one, code, kv, st_np, group, lo, hi)
+                               for lo, hi in _ranges(c, numel, group)])
+    elif y is None:
+        _run("nchw_stats", [(xf, p, c, s, one, one, st_np, lo, hi) for lo, hi in _ranges(c, numel)])
+    else:
+        _run("nchw_train_forward", [(xf, zf, yf, p, c, s, w, b, *flags, eps_t, one, code, kv,
+                                     st_np, lo, hi) for lo, hi in _ranges(c, numel)])
+    return st
+
+
 def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel (count, mean, m2) of a non-empty (N, C, *spatial) tensor; see the module
     docstring for the numerics."""
-    kind, dims = _layout(x)
-    st = torch.empty((4, x.shape[1]), dtype=_ACC[x.dtype])
-    st_np, xf = st.numpy(), _flat(x)
-    if kind == "rows":
-        _rows_stats(xf, *dims, 1.0, st_np)
-    else:
-        _run("nchw_stats", [(xf, *dims, st_np.dtype.type(1), st_np.dtype.type(1), st_np, lo, hi)
-                            for lo, hi in _ranges(dims[1], x.numel())])
+    st = _batch_stats(x, None, None, None, None, 1.0, "identity", 0.0)
     # Separate tensors: custom-op outputs may not alias each other.
     return st[0].clone(), st[1].clone(), st[2].clone()
 
@@ -604,44 +882,32 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tens
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Statistics and normalization in one pass per channel block. Returns (y, count, mean, m2,
     invstd)."""
-    acc = _ACC[x.dtype]
-    kind, dims = _layout(x)
     y = torch.empty_like(x)
-    st = torch.empty((4, x.shape[1]), dtype=acc)
-    st_np, xf, yf = st.numpy(), _flat(x), _flat(y)
-    zf = xf if z is None else _flat(_like(z, x))
-    w, b = _optional(weight, acc, st_np[0]), _optional(bias, acc, st_np[0])
-    code, kv = ACT_CODES[act], _epilogue_constants(xf.dtype, act_param)
-    if kind == "rows":
-        p, c = dims
-        _rows_stats(xf, p, c, float(eps), st_np)
-        _run("rows_forward", [(xf, zf, yf, c, st_np[1], st_np[3], w, b, weight is not None,
-                               bias is not None, z is not None, code, kv, lo, hi)
-                              for lo, hi in _ranges(p, x.numel())])
-    else:
-        _run("nchw_train_forward", [(xf, zf, yf, *dims, w, b, weight is not None,
-                                     bias is not None, z is not None, st_np.dtype.type(eps),
-                                     st_np.dtype.type(1), code, kv, st_np, lo, hi) for lo, hi in _ranges(dims[1], x.numel())])
-    return (y,) + st.unbind(0)
+    return (y,) + _batch_stats(x, z, y, weight, bias, eps, act, act_param).unbind(0)
 
 
 def forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
             z: Tensor | None, act: str, act_param: float) -> Tensor:
     """y = act(weight * (x - mean) * invstd + bias (+ z)) with the given statistics."""
     acc = _ACC[x.dtype]
-    kind, dims = _layout(x)
+    kind, p, c, s, group = _plan(x)
     y = torch.empty_like(x)
     mean_np, xf = _vector(mean, acc), _flat(x)
     args = (xf, xf if z is None else _flat(_like(z, x)), _flat(y))
     params = (mean_np, _vector(invstd, acc), _optional(weight, acc, mean_np),
-              _optional(bias, acc, mean_np), weight is not None, bias is not None, z is not None,
-              ACT_CODES[act], _epilogue_constants(xf.dtype, act_param))
+              _optional(bias, acc, mean_np), weight is not None, bias is not None, z is not None)
+    code, kv = ACT_CODES[act], _epilogue_constants(xf.dtype, act_param)
+    numel = x.numel()
     if kind == "rows":
-        p, c = dims
-        _run("rows_forward", [args + (c,) + params + r for r in _ranges(p, x.numel())])
+        _run("rows_forward", [args + (c,) + params + (code, kv) + r for r in _ranges(p, numel)])
+    elif kind == "lanes":
+        one, no_stats = mean_np.dtype.type(1), np.empty((4, 0), mean_np.dtype)
+        _run("lanes_forward", [args + (p, c, s) + params + (False, True, one, one, code, kv,
+                                                            no_stats, group) + r
+                               for r in _ranges(c, numel, group)])
     else:
-        n, c, _ = dims
-        _run("nchw_forward", [args + dims + params + r for r in _ranges(n * c, x.numel())])
+        _run("nchw_forward", [args + (p, c, s) + params + (code, kv) + r
+                              for r in _ranges(p * c, numel)])
     return y
 
 
@@ -653,8 +919,7 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
     """Closed-form backward, (dx, dweight, dbias, dz): the formulas of `native.backward`, with
     g = dy*act'(pre) recomputed from x (and z), so `y` is not read."""
     acc = _ACC[x.dtype]
-    kind, dims = _layout(x)
-    c = x.shape[1]
+    kind, p, c, s, group = _plan(x)
     dy = _like(dy, x)
     need_sums = sum_dy is None or sum_dy_xhat is None
     if need_sums:
@@ -667,22 +932,26 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
     mean_np, xf = _vector(mean, acc), _flat(x)
     tensors = (_flat(dy), xf, xf if z is None else _flat(_like(z, x)))
     outputs = (xf if dx is None else _flat(dx), _flat(dz) if write_dz else xf)
-    params = (mean_np, _vector(invstd, acc), _optional(weight, acc, mean_np), _optional(bias, acc, mean_np),
-              weight is not None, bias is not None, z is not None, ACT_CODES[act],
-              _epilogue_constants(xf.dtype, act_param))
-    counts = (count is not None, mean_np if count is None else _vector(count, acc))
+    params = (mean_np, _vector(invstd, acc), _optional(weight, acc, mean_np),
+              _optional(bias, acc, mean_np), weight is not None, bias is not None, z is not None,
+              ACT_CODES[act], _epilogue_constants(xf.dtype, act_param), training,
+              count is not None, mean_np if count is None else _vector(count, acc))
+    flags = (need_sums, input_grad, write_dz)
+    numel = x.numel()
     if kind == "rows":
-        p = dims[0]
-        ranges = _ranges(p, x.numel())
+        ranges = _ranges(p, numel)
         sg, sgx = np.zeros((len(ranges), c)), np.zeros((len(ranges), c))
         if need_sums:
-            _run("rows_grad_sums", [tensors + (c,) + params + (sg[t], sgx[t], lo, hi)
+            _run("rows_grad_sums", [tensors + (c,) + params[:9] + (sg[t], sgx[t], lo, hi)
                                     for t, (lo, hi) in enumerate(ranges)])
-        _run("rows_grad_input", [tensors + outputs + dims + params + (training,) + counts + (
-            sg, sgx) + sums + (need_sums, input_grad, write_dz, lo, hi) for lo, hi in ranges])
+        _run("rows_grad_input", [tensors + outputs + (p, c) + params + (sg, sgx) + sums + flags
+                                 + r for r in ranges])
+    elif kind == "lanes":
+        _run("lanes_backward", [tensors + outputs + (p, c, s) + params + sums + flags + (group,)
+                                + r for r in _ranges(c, numel, group)])
     else:
-        _run("nchw_backward", [tensors + outputs + dims + params + (training,) + counts + sums + (
-            need_sums, input_grad, write_dz, lo, hi) for lo, hi in _ranges(c, x.numel())])
+        _run("nchw_backward", [tensors + outputs + (p, c, s) + params + sums + flags + r
+                               for r in _ranges(c, numel)])
     if dx is None:
         dx = x.new_empty(0)
     if z is None:
