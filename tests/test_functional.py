@@ -132,3 +132,63 @@ def test_fused_residual_and_activation_gradcheck(act, training):
     mean, var = reference.batch_stats(x.detach()) if training else (rm, rv - 0.0)
     pre = reference.normalize(x.detach(), mean, var, w.detach(), b.detach(), 1e-5) + z.detach()
     assert_close_scaled(f(x, z, w, b), reference.activate(pre, act, 0.1), 1e-10)
+
+
+# ---- small CPU batches: aten's fused kernel (kernels.small), checked afterwards ---------------
+
+def _spy_small_path(monkeypatch):
+    from batchnorm.kernels import small
+    taken = []
+    train = small.train
+
+    def spy(*args):
+        y = train(*args)
+        taken.append(y is not None)
+        return y
+
+    monkeypatch.setattr(small, "train", spy)
+    return taken
+
+
+@pytest.mark.parametrize("shape", [(100, 100), (32, 16, 8, 8), (7, 3, 5)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_small_batch_takes_the_aten_path_and_matches_torch_nn(monkeypatch, shape, momentum):
+    taken = _spy_small_path(monkeypatch)
+    layer = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d}
+    ours = layer[len(shape)](shape[1], momentum=momentum)
+    ref = getattr(torch.nn, layer[len(shape)].__name__)(shape[1], momentum=momentum)
+    for step in range(3):
+        x = (torch.randn(shape) * (step + 1) + step).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        dy = torch.randn(shape)
+        ours(x).backward(dy)
+        ref(x_ref).backward(dy)
+        assert_close_scaled(x.grad, x_ref.grad, 1e-5, "dx")
+    assert taken == [True] * 3
+    for key, value in ref.state_dict().items():
+        assert_close_scaled(ours.state_dict()[key], value, 1e-6, key)
+    assert_close_scaled(ours.weight.grad, ref.weight.grad, 1e-5, "dweight")
+    assert_close_scaled(ours.bias.grad, ref.bias.grad, 1e-5, "dbias")
+
+
+def test_small_batch_whose_mean_dwarfs_the_std_takes_our_kernels(monkeypatch):
+    taken = _spy_small_path(monkeypatch)
+    x = (torch.randn(100, 100, dtype=torch.float64) * 1e-2 + 1e4).float()
+    running_mean, running_var = torch.zeros(100), torch.zeros(100)
+    F.batch_norm(x, running_mean, running_var, training=True, momentum=1.0)
+    assert taken == [False]
+    mean, var = reference.batch_stats(x)
+    assert ((running_var.double() - var * 100 / 99).abs() / var).max() < 1e-3
+    assert_close_scaled(running_mean, mean, 1e-6)
+    # The criterion has teeth: aten's unshifted fp32 sums, which torch.nn uses, fail it.
+    ref = torch.nn.BatchNorm1d(100, momentum=1.0, affine=False)
+    ref(x)
+    assert ((ref.running_var.double() - var * 100 / 99).abs() / var).max() > 1e-2
+
+
+def test_small_batch_whose_variance_overflows_leaves_running_statistics_alone():
+    bn = batchnorm.BatchNorm1d(4)
+    x = torch.randn(8, 4) * 3e19  # finite values, variance beyond fp32
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm1d\(4\).*not finite"):
+        bn(x)
+    assert torch.equal(bn.running_var, torch.ones(4)) and bn.num_batches_tracked.item() == 0

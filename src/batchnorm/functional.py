@@ -10,6 +10,9 @@ This module is the only place the update rules live (DESIGN.md, "The rules that 
   shows the NaN) and warns once per layer; under torch.compile the guard is branch-free;
 - an empty batch (N=0) returns an empty output and changes nothing;
 - training on M=1 values per channel raises ValueError;
+- small CPU training batches run on aten's fused kernel, torch.nn's own, which applies the same
+  update (`kernels.small`); batches it cannot take as accurately as our kernels, and non-finite
+  ones, go the regular way;
 - `sync=True` (SyncBatchNorm): in training, the statistics are those of the global batch over the
   ranks of a `torch.distributed` process group (see `_sync_batch_stats`); the rules above then
   apply to the global batch: the global M decides the M=1 error, a globally empty batch changes
@@ -127,6 +130,13 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         RuntimeError: with `sync`, a collective failed (a rank died or timed out); the message
             names the layer.
     """
+    if (training and residual is None and activation == "identity" and not sync
+            and _small_batch(input, running_mean, running_var, weight, bias, momentum, eps,
+                             num_batches_tracked)):
+        y = _small_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                              num_batches_tracked)
+        if y is not None:
+            return y
     name = layer_name or "batch_norm"
     _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name)
     if activation not in kernels.ACTIVATIONS:
@@ -162,6 +172,55 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
 
 _ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
+
+# Training batches of at most this many values on the CPU take `kernels.small` (aten's fused
+# kernel): there the fixed cost of a call decides, and torch.nn's kernel with its C++ autograd
+# node costs less than our autograd.Function, kernel host code and separate update (issue 3).
+_SMALL_NUMEL = 1 << 16
+_SMALL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_small = None
+
+
+def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, tracked) -> bool:
+    """Whether a training call can take `kernels.small`: a small dense fp32/fp64 CPU batch with
+    well-formed arguments of its dtype (anything else, errors included, is the regular path's)."""
+    if type(x) is not Tensor or not x.is_cpu or x.ndim < 2:
+        return False
+    dtype = x.dtype
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        return False
+    channels = x.shape[1]
+    if not channels < x.numel() <= _SMALL_NUMEL:  # channels < numel: M > 1
+        return False
+    if not (x.is_contiguous() or x.ndim in _SMALL_FORMATS
+            and x.is_contiguous(memory_format=_SMALL_FORMATS[x.ndim])):
+        return False
+    if (running_mean is None) != (running_var is None) or not (type(eps) is float and eps > 0):
+        return False
+    if not (type(momentum) is float and 0.0 <= momentum <= 1.0
+            or momentum is None and (tracked is not None or running_mean is None)):
+        return False
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and (t.dtype is not dtype or not t.is_cpu or t.ndim != 1
+                              or t.shape[0] != channels):
+            return False
+    return not torch.compiler.is_compiling()
+
+
+def _small_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, tracked):
+    """`kernels.small.train` with our update rule's factor: `momentum`, or 1/num_batches_tracked
+    counting this batch; None (nothing changed) for a batch the regular path must take."""
+    global _small
+    if _small is None:  # imports Numba: not on `import batchnorm`
+        from batchnorm.kernels import small as _small
+    track = running_mean is not None
+    factor = 0.0
+    if track:
+        factor = momentum if momentum is not None else 1.0 / (float(tracked) + 1.0)
+    y = _small.train(x, weight, bias, running_mean, running_var, factor, eps)
+    if y is not None and track and tracked is not None:
+        tracked.add_(1)
+    return y
 
 
 def _one_value_error(name: str, got: str, fix: str) -> ValueError:

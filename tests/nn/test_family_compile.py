@@ -47,8 +47,12 @@ def test_compile_fullgraph_matches_eager_for_every_layer():
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y1, y2 = eager(x1, mask, domain), compiled(x2, mask, domain)
         torch.testing.assert_close(y2, y1)
-        y1.square().sum().backward()
-        y2.square().sum().backward()
+        # Not y.square().sum(): through the last batch norm that is a constant, so every earlier
+        # gradient would be rounding noise, equal only where eager and compiled run the same
+        # kernels (small eager batches run aten's, kernels.small).
+        dy = torch.randn_like(y1)
+        y1.backward(dy)
+        y2.backward(dy)
         torch.testing.assert_close(x2.grad, x1.grad)
         for (name, p1), p2 in zip(eager.named_parameters(), compiled_module.parameters()):
             torch.testing.assert_close(p2.grad, p1.grad, msg=name)
