@@ -58,6 +58,16 @@ BIG = [((4, 8, 64, 65), torch.contiguous_format),   # nchw
        ((16, 512, 4, 4), torch.channels_last)]      # lanes, channels-last
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """BIG cases split between two threads only if torch allows two (the lab's conftest sets one
+    for the whole process when its tests share the worker)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def ids(cases):
     return [f"{'x'.join(map(str, s))}-{str(f).split('.')[-1]}" for s, f in cases]
 
