@@ -260,10 +260,16 @@ def test_dispatch_table():
     assert kernels.implementation(torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)) is native
     assert kernels.implementation(torch.randn(2, 3, 4, 4, dtype=torch.float16)) is native
     assert kernels.implementation(torch.randn(4, 3, 4, 2).transpose(0, 3)) is native  # strided
-    x = torch.randn(2, 3, 4, 4)
-    assert kernels.eval_implementation(x, None, "identity") is native  # a bare affine
-    assert kernels.eval_implementation(x, None, "relu") is cpu
-    assert kernels.eval_implementation(x, x, "identity") is cpu
+
+
+def test_eager_eval_without_epilogue_runs_torchs_kernel():
+    x, weight, bias, z, _ = make((4, 3, 5, 6), torch.channels_last, torch.float32)
+    mean, var = torch.randn(3), torch.rand(3) + 0.5
+    expected = torch.nn.functional.batch_norm(x, mean, var, weight, bias, False)
+    assert torch.equal(F.batch_norm(x, mean, var, weight, bias, False), expected)
+    # with an epilogue it is ours (fused), equal to rounding
+    fused = F.batch_norm(x, mean, var, weight, bias, False, residual=z, activation="relu")
+    assert_scaled(fused, torch.relu(expected + z).double(), 1e-5, "fused eval")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -53,17 +53,6 @@ def implementation(x: Tensor) -> ModuleType:
     return native
 
 
-def eval_implementation(x: Tensor, z: Tensor | None, act: str) -> ModuleType:
-    """`implementation(x)` for a forward with given (running) statistics, except that on the CPU
-    a bare affine (no residual, no activation) runs in `native`: it is one read and one write
-    whichever kernel does it, and torch's TensorIterator (an addcmul) does it faster than the
-    Numba kernels (benchmarks/kernels.py, the eval rows)."""
-    impl = implementation(x)
-    if impl is _cpu and z is None and act == "identity":
-        return native
-    return impl
-
-
 @functools.cache
 def _cuda() -> ModuleType | None:
     """The Triton kernels, imported on the first CUDA tensor (importing triton takes seconds, and
@@ -93,8 +82,7 @@ def _stats_fake(x):
 def forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
             z: Tensor | None, act: str, act_param: float, training: bool) -> Tensor:
     """y = act(weight * (x - mean) * invstd + bias (+ z))."""
-    impl = implementation(x) if training else eval_implementation(x, z, act)
-    return impl.forward(x, mean, invstd, weight, bias, z, act, act_param)
+    return implementation(x).forward(x, mean, invstd, weight, bias, z, act, act_param)
 
 
 @forward.register_fake
@@ -174,8 +162,7 @@ class BatchNormFunction(torch.autograd.Function):
         if training:
             y, count, mean, m2, invstd = impl.train_forward(x, weight, bias, z, eps, act, act_param)
         else:
-            y = eval_implementation(x, z, act).forward(x, mean, invstd, weight, bias, z, act,
-                                                       act_param)
+            y = impl.forward(x, mean, invstd, weight, bias, z, act, act_param)
         ctx.save_for_backward(x, mean, invstd, weight, bias, z,
                               y if act in OUTPUT_SAVING_ACTIVATIONS else None)
         ctx.act, ctx.act_param, ctx.training = act, act_param, training
