@@ -73,8 +73,12 @@ def _choose_cache_dir() -> None:
 _choose_cache_dir()
 
 _FLAGS = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
-# The loops over slices are inlined into their kernel at Numba IR level: called, each call
-# pays the reference counting of its slice arguments, which costs more than a 256-value loop.
+# Helpers called per row (loops over slices) are inlined into their kernel at Numba IR level:
+# called, each call pays the reference counting of its slice arguments, which costs more than a
+# 256-value loop. The scalar helpers are inlined too: each separately compiled function costs a
+# whole Numba pipeline, and compile time is what a fresh install's first step waits for. The
+# activation loops (`_activate`, `_activation_grad`, `_grad`) stay calls: inlined at every site
+# they made a plain BatchNorm's first step compile 5 s longer.
 _INLINE = dict(_FLAGS, inline="always")
 # Values per inner chunk: the chunk and its scratch stay in L1 between the fused loops.
 _CHUNK = 1024
@@ -89,7 +93,7 @@ ACT_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "silu
 # so its loads cannot alias an output):
 # k = (slope, 0.5, 1, sqrt(2/pi), 0.044715, 2, 0, 3*0.044715).
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _act(v, code, k):
     """act(v) for the five epilogues. gelu_tanh calls tanh itself: 1 - 2/(1 + exp(2u)) loses
     ~1e-7 absolutely near u = 0, and the parameter gradients sum that error over the batch."""
@@ -104,7 +108,7 @@ def _act(v, code, k):
     return k[1] * v * (k[2] + np.tanh(k[3] * (v + k[4] * v * v * v)))
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _act_grad(dy, v, code, k):
     """dy * act'(v), v the pre-activation (relu/leaky_relu: the sign of v, as y > 0 iff v > 0)."""
     if code == IDENTITY:
@@ -188,7 +192,7 @@ def _normalize(x, z, y, a, b, has_z, code, k):
     _activate(y, code, k)
 
 
-@njit(**_INLINE)
+@njit(**_FLAGS)
 def _grad(dy, x, z, buf, a, b, has_z, code, k):
     """g = dy * act'(a*x + b (+ z)) over a slice: dy itself for identity, else written to buf."""
     if code == IDENTITY:
@@ -206,7 +210,7 @@ def _grad_input(g, x, dx, a, mean, p, q):
         dx[j] = _at(a, j) * g[j] + _at(p, j) * (x[j] - _at(mean, j)) + _at(q, j)
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _coefficients(mean, invstd, weight, bias, has_w, has_b, c):
     """Fold the affine into y = a*x + b: a = weight*invstd, b = bias - mean*a (float64)."""
     a = np.float64(invstd[c]) * (np.float64(weight[c]) if has_w else 1.0)
@@ -214,7 +218,7 @@ def _coefficients(mean, invstd, weight, bias, has_w, has_b, c):
     return a, b
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _dx_coefficients(a, invstd, sum_g, sum_gxhat, m, training):
     """dx = a*(g - sum(g)/M - x_hat*sum(g*x_hat)/M) = a*g + p*(x - mean) + q with
     p = -a*invstd*sum(g*x_hat)/M, q = -a*sum(g)/M; eval (constant statistics): p = q = 0."""
@@ -223,7 +227,7 @@ def _dx_coefficients(a, invstd, sum_g, sum_gxhat, m, training):
     return -a * invstd * sum_gxhat / m, -a * sum_g / m
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _unpack(kv):
     return (kv[0], kv[1], kv[2], kv[3], kv[4], kv[5], kv[6], kv[7])
 
@@ -399,7 +403,7 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
 # vectorizes. The group is sized (`_plan`) so that its P*w values stay in L2 between the statistics
 # pass and the normalize pass, as the "nchw" kernels keep a channel.
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _spread(dst, value, j0, s):
     """dst[j0:j0+s] = value (a channel's scalar over its lanes)."""
     for j in range(j0, j0 + s):
