@@ -55,7 +55,7 @@ BIG = [((4, 8, 64, 65), torch.contiguous_format),   # nchw
        ((1030, 130), torch.contiguous_format),      # rows
        ((130, 75, 4, 4), torch.contiguous_format),  # lanes, one ragged group per thread
        ((8, 40, 20, 20), torch.contiguous_format),  # lanes, several groups per thread
-       ((16, 512, 4, 4), torch.channels_last)]      # lanes, channels-last
+       ((2, 2048, 8, 8), torch.channels_last)]      # lanes, channels-last
 
 
 @pytest.fixture(autouse=True)

@@ -15,8 +15,8 @@ Three layouts, chosen by `_plan`; the flat memory is P rows of C channels of S v
   each run in registers.
 - "lanes": shorter runs: a thread owns groups of channels whose part of every row is ~2048
   contiguous values (lanes), accumulates per lane over the rows, and the group's values fit L2.
-- "rows": S = 1 with too many rows for a group to fit L2 (channels-last, long (N, C)): threads own
-  ranges of rows: partial sums, a merge, then the elementwise pass.
+- "rows": S = 1 with many rows (channels-last, long (N, C)): threads own ranges of rows: partial
+  sums, a merge, then the elementwise pass.
 
 Numerics: statistics accumulate in float64 from d = x - shift, the shift being the channel's
 first element, so m2 = sum(d^2) - sum(d)^2/M does not cancel when |mean| >> std. Every partial of a
@@ -656,11 +656,13 @@ _MIN_NUMEL_PER_THREAD = 1 << 16
 # Layout choice (`_plan`), tuned on a 2-core EPYC with 1 MB of L2 per core: a channel row of at
 # least _SEGMENT_MIN values is walked by the "nchw" loops; shorter ones by "lanes", in groups of
 # about _LANES lanes whose values fit _L2_GROUP bytes; with S = 1 and too many rows for a group of
-# _MIN_LANES lanes to fit, by "rows".
+# _MIN_LANES lanes to fit, or at least _ROWS_MIN rows (measured: its backward is faster there), by
+# "rows".
 _SEGMENT_MIN = 512
 _LANES = 2048
 _MIN_LANES = 256
 _L2_GROUP = 1 << 19
+_ROWS_MIN = 256
 
 
 def supports(x: Tensor) -> bool:
@@ -692,9 +694,9 @@ def _plan(x: Tensor) -> tuple[str, int, int, int, int]:
         return "nchw", p, c, s, 1
     group = min(-(-_LANES // s), max(1, _L2_GROUP // (p * s * x.element_size())),
                 -(-c // _threads(numel)))
+    if s == 1 and (p >= _ROWS_MIN or group * s < _MIN_LANES):
+        return "rows", p, c, 1, 0
     if group * s < _MIN_LANES:
-        if s == 1:
-            return "rows", p, c, 1, 0
         group = -(-_MIN_LANES // s)
     return "lanes", p, c, s, min(group, c)
 
