@@ -150,7 +150,7 @@ def _spy_small_path(monkeypatch):
     return taken
 
 
-@pytest.mark.parametrize("shape", [(100, 100), (32, 16, 8, 8), (7, 3, 5)])
+@pytest.mark.parametrize("shape", [(100, 100), (32, 16, 8, 8), (7, 3, 5), (600, 130)])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_small_batch_takes_the_aten_path_and_matches_torch_nn(monkeypatch, shape, momentum):
     taken = _spy_small_path(monkeypatch)
@@ -169,6 +169,37 @@ def test_small_batch_takes_the_aten_path_and_matches_torch_nn(monkeypatch, shape
         assert_close_scaled(ours.state_dict()[key], value, 1e-6, key)
     assert_close_scaled(ours.weight.grad, ref.weight.grad, 1e-5, "dweight")
     assert_close_scaled(ours.bias.grad, ref.bias.grad, 1e-5, "dbias")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
+def test_small_batch_with_residual_and_activation_matches_the_reference(monkeypatch, activation):
+    taken = _spy_small_path(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 5, 4, 4, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_()
+    z = torch.randn(6, 5, 4, 4, generator=g, dtype=torch.float64).requires_grad_()
+    weight = (torch.rand(5, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_()
+    dy = torch.randn(6, 5, 4, 4, generator=g, dtype=torch.float64)
+    leaves = (x, z, weight, bias)
+    y = F.batch_norm(x, None, None, weight, bias, True, residual=z, activation=activation)
+    grads = torch.autograd.grad(y, leaves, dy)
+    mean, var = reference.batch_stats(x)
+    y_ref = reference.activate(reference.normalize(x, mean, var, weight, bias, 1e-5) + z,
+                               activation, 0.01)
+    grads_ref = torch.autograd.grad(y_ref, leaves, dy)
+    assert taken == [True]
+    assert_close_scaled(y, y_ref, 1e-10, "y")
+    for got, want, name in zip(grads, grads_ref, ("dx", "dz", "dweight", "dbias")):
+        assert_close_scaled(got, want, 1e-10, name)
+
+
+def test_residual_of_another_dtype_takes_the_regular_path(monkeypatch):
+    taken = _spy_small_path(monkeypatch)
+    x, z = torch.randn(6, 5, 4, 4), torch.randn(6, 5, 4, 4, dtype=torch.float64)
+    y = F.batch_norm(x, None, None, training=True, residual=z, activation="relu")
+    assert taken == [] and y.dtype == torch.float32
+    expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True) + z)
+    assert_close_scaled(y, expected, 1e-5, "y")
 
 
 def test_small_batch_whose_mean_dwarfs_the_std_takes_our_kernels(monkeypatch):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from batchnorm import kernels
+from batchnorm.kernels import native
 from batchnorm.kernels.native import accumulation_dtype, merge_stats
 
 __all__ = ["batch_norm", "batch_renorm", "ghost_batch_norm", "masked_batch_norm", "renorm_limits",
@@ -130,13 +131,16 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         RuntimeError: with `sync`, a collective failed (a rank died or timed out); the message
             names the layer.
     """
-    if (training and residual is None and activation == "identity" and not sync
+    if (training and not sync and activation in kernels.ACTIVATIONS
+            and (residual is None or _same_layout(residual, input))
             and _small_batch(input, running_mean, running_var, weight, bias, momentum, eps,
                              num_batches_tracked)):
         y = _small_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
                               num_batches_tracked)
         if y is not None:
-            return y
+            # Unfused epilogue: at these sizes a torch op costs less than our fused kernel's call.
+            return native.activate(y if residual is None else y + residual, activation,
+                                   negative_slope)
     name = layer_name or "batch_norm"
     _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name)
     if activation not in kernels.ACTIVATIONS:
@@ -182,9 +186,17 @@ _ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
 # Training batches of at most this many values on the CPU take `kernels.small` (aten's fused
 # kernel): there the fixed cost of a call decides, and torch.nn's kernel with its C++ autograd
 # node costs less than our autograd.Function, kernel host code and separate update (issue 3).
+# So do (N, C) batches of up to _SMALL_ROWS rows: there our rows walk measured half torch's speed
+# (benchmarks/kernels.py, 512x1024), and aten's statistics measured as accurate as ours for up to
+# 16k values per channel (with the |mean|/std check of `kernels.small`).
 _SMALL_NUMEL = 1 << 16
+_SMALL_ROWS = 1 << 14
 _SMALL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _small = None
+
+
+def _same_layout(t, x) -> bool:
+    return type(t) is Tensor and t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
 
 
 def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, tracked) -> bool:
@@ -196,7 +208,10 @@ def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, trac
     if dtype is not torch.float32 and dtype is not torch.float64:
         return False
     channels = x.shape[1]
-    if not channels < x.numel() <= _SMALL_NUMEL:  # channels < numel: M > 1
+    numel = x.numel()
+    if not channels < numel:  # M > 1
+        return False
+    if numel > _SMALL_NUMEL and not (x.ndim == 2 and x.shape[0] <= _SMALL_ROWS):
         return False
     if not (x.is_contiguous() or x.ndim in _SMALL_FORMATS
             and x.is_contiguous(memory_format=_SMALL_FORMATS[x.ndim])):

@@ -59,9 +59,12 @@ BIG = [((4, 8, 64, 65), torch.contiguous_format),   # nchw
 
 
 @pytest.fixture(autouse=True)
-def two_threads():
-    """BIG cases split between two threads only if torch allows two (the lab's conftest sets one
-    for the whole process when its tests share the worker)."""
+def numba_kernels_on_two_threads(monkeypatch):
+    """Every batch here runs on the Numba kernels: the small-batch path (aten's kernel,
+    `functional._small_batch`) is off. BIG cases split between two threads only if torch allows
+    two (the lab's conftest sets one for the whole process when its tests share the worker)."""
+    monkeypatch.setattr(F, "_SMALL_NUMEL", 0)
+    monkeypatch.setattr(F, "_SMALL_ROWS", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -245,6 +248,17 @@ def test_non_finite_input_gives_non_finite_statistics_and_output():
     y, count, mean, m2, invstd = cpu.train_forward(x, None, None, None, 1e-5, "relu", 0.0)
     assert mean[:2].isfinite().all() and not mean[2].isfinite()
     assert y[:, 2].isnan().all() and y[:, :2].isfinite().all()
+
+
+def test_these_tests_reach_the_numba_kernels(monkeypatch):
+    calls = []
+    for name in ("train_forward", "backward"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, real=real, name=name: (calls.append(name),
+                                                                          real(*a))[1])
+    x, weight, bias, z, dy = make(*SHAPES[0], torch.float32)
+    run_ours(x, weight, bias, z, dy, "relu", True)
+    assert calls == ["train_forward", "backward"]
 
 
 def test_the_cases_cover_every_path():
