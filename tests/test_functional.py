@@ -202,6 +202,19 @@ def test_residual_of_another_dtype_takes_the_regular_path(monkeypatch):
     assert_close_scaled(y, expected, 1e-5, "y")
 
 
+@pytest.mark.parametrize("offset,takes_aten", [(0.0, True), (10.0, False)])
+def test_long_batch_takes_aten_only_within_our_tolerance(monkeypatch, offset, takes_aten):
+    """At 16k rows aten's unshifted fp32 sums drift by ~3e-5 of the output at |mean|/std = 10,
+    over our 1e-5: that batch must take our kernels, a centred one may take aten."""
+    taken = _spy_small_path(monkeypatch)
+    x = (torch.randn(16384, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+         + offset).float()
+    y = F.batch_norm(x, None, None, training=True)
+    assert taken == [takes_aten]
+    mean, var = reference.batch_stats(x)
+    assert_close_scaled(y, reference.normalize(x.double(), mean, var, None, None, 1e-5), 1e-5, "y")
+
+
 def test_small_batch_whose_mean_dwarfs_the_std_takes_our_kernels(monkeypatch):
     taken = _spy_small_path(monkeypatch)
     x = (torch.randn(100, 100, dtype=torch.float64) * 1e-2 + 1e4).float()
