@@ -287,7 +287,7 @@ def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, 
 # they are in L2. Loops index slices from 0: with a runtime offset in the index Numba keeps its
 # negative-index check and the loop does not vectorize (measured 5x slower).
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _nchw_stats(x, n, c, s, ch):
     """(mean, m2) of channel ch in float64 from d = x - x[first]: mean = shift + sum(d)/M,
     m2 = sum(d^2) - sum(d)^2/M, M = n*s."""
@@ -306,7 +306,7 @@ def _nchw_stats(x, n, c, s, ch):
     return shift + s1 / m, (0.0 if m2 < 0.0 else m2)
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _nchw_channel_stats(x, n, c, s, ch, eps, one, st):
     """st[:, ch] = count, mean, m2, one/sqrt(m2/count + eps), the last in st's dtype (eps, one
     too), the way `functional` forms invstd with torch.rsqrt under torch.compile: the eager and
@@ -513,7 +513,7 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
 # A row is short (C values), so loops run over blocks of R = _CHUNK // C whole rows against
 # per-channel vectors tiled R times: one long vectorized loop instead of R short ones.
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _tile(v, rows, dtype_like):
     """v (C,) repeated `rows` times, in dtype_like's dtype: element i belongs to channel i % C."""
     c = v.shape[0]
@@ -524,7 +524,7 @@ def _tile(v, rows, dtype_like):
     return out
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _fold(tiled, c, out):
     """out[j] += sum over the tiled copies of channel j."""
     for r in range(tiled.shape[0] // c):
@@ -557,7 +557,7 @@ def _rows_stats_merge_kernel(x, p, eps, one, s1, s2, st):
         st[3, j] = one / np.sqrt(st[2, j] / st[0, j] + eps)  # as `_nchw_channel_stats`
 
 
-@njit(**_FLAGS)
+@njit(**_INLINE)
 def _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, like):
     """a, b of `_coefficients` for every channel, tiled `rows` times, in like's dtype."""
     c = mean.shape[0]
