@@ -151,7 +151,7 @@ def _affine(x, z, out, a, b, has_z):
 # The activation loops below branch once, outside the loop: with `code` tested per element LLVM
 # does not unswitch the loop and nothing vectorizes (measured 5-30x slower).
 
-@njit(**_INLINE)
+@njit(**_FLAGS)
 def _activate(y, code, k):
     """y = act(y) in place over a slice."""
     if code == RELU:
@@ -168,7 +168,7 @@ def _activate(y, code, k):
             y[j] = _act(y[j], GELU_TANH, k)
 
 
-@njit(**_INLINE)
+@njit(**_FLAGS)
 def _activation_grad(g, dy, code, k):
     """g = dy * act'(g) in place: g holds the pre-activation on entry."""
     if code == RELU:
