@@ -162,8 +162,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         return input.clone()
     use_batch_stats = training or running_mean is None
     if not use_batch_stats:
-        if activation == "identity" and residual is None and _aten_eval(input, weight, bias,
-                                                                        running_mean):
+        if activation == "identity" and residual is None and _aten_eval(
+                input, (weight, bias, running_mean, running_var)):
             # A bare affine is one read and one write whoever does it, and torch's eval kernel
             # measured faster than ours and than an addcmul (benchmarks/kernels.py, eval rows).
             return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,
@@ -228,12 +228,13 @@ def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, trac
     return not torch.compiler.is_compiling()
 
 
-def _aten_eval(x, weight, bias, running_mean) -> bool:
+def _aten_eval(x, per_channel) -> bool:
     """Whether an eval call without epilogue runs on torch's own kernel: eager, CPU fp32/fp64
-    with parameters and statistics of the input's dtype (what torch's kernel requires)."""
+    with parameters and statistics (`per_channel`) of the input's dtype (what torch's kernel
+    requires)."""
     if not x.is_cpu or x.dtype not in (torch.float32, torch.float64):
         return False
-    if any(t is not None and t.dtype != x.dtype for t in (weight, bias, running_mean)):
+    if any(t is not None and t.dtype != x.dtype for t in per_channel):
         return False
     return not torch.compiler.is_compiling()
 
