@@ -24,8 +24,13 @@ def test_reference_forward_and_backward_match_autograd_of_torch_in_float64():
         assert_close_scaled(ours, theirs, 1e-12)
 
 
+@pytest.mark.parametrize("path", ["aten small batch", "kernel update", "torch ops update"])
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
-def test_running_statistics_follow_the_reference_update_rule(momentum):
+def test_running_statistics_follow_the_reference_update_rule(monkeypatch, momentum, path):
+    if path != "aten small batch":
+        monkeypatch.setattr(F, "_SMALL_NUMEL", 0)
+    if path == "torch ops update":
+        monkeypatch.setattr(batchnorm.kernels, "update_running_stats", lambda *args: None)
     running_mean, running_var = torch.zeros(4), torch.ones(4)
     tracked = torch.tensor(0)
     ref_mean, ref_var, ref_tracked = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), 0
@@ -39,6 +44,18 @@ def test_running_statistics_follow_the_reference_update_rule(momentum):
         assert_close_scaled(running_mean, ref_mean, 1e-5, "running_mean")
         assert_close_scaled(running_var, ref_var, 1e-5, "running_var")
         assert tracked.item() == ref_tracked
+
+
+def test_running_statistics_updated_by_the_kernel_bump_their_autograd_versions(monkeypatch):
+    # The Numba update writes through numpy views; autograd must still see the in-place change
+    # (as it does torch.nn's), or a graph that saved the old values would use the new ones.
+    monkeypatch.setattr(F, "_SMALL_NUMEL", 0)
+    bn = batchnorm.BatchNorm2d(3)
+    versions = [t._version for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    bn(torch.randn(4, 3, 5, 5))
+    assert bn.num_batches_tracked.item() == 1
+    for before, t in zip(versions, (bn.running_mean, bn.running_var, bn.num_batches_tracked)):
+        assert t._version > before
 
 
 def _variance_relative_error(stats_fn):

@@ -283,9 +283,17 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     """Fold one batch's (count, mean, m2) into the running statistics, in place.
 
     The non-finite guard is a `torch.where`, so it holds without a data-dependent branch under
-    torch.compile; eager mode also warns, once per `warn_key`.
+    torch.compile; eager mode also warns, once per `warn_key`. Eager CPU statistics take the same
+    rule as one kernel call (`kernels.update_running_stats`).
     """
     compiling = torch.compiler.is_compiling()
+    if not compiling:
+        applied = kernels.update_running_stats(running_mean, running_var, num_batches_tracked,
+                                               count, mean, m2, momentum)
+        if applied is not None:
+            if not applied:
+                _warn_nonfinite(name, warn_key)
+            return
     finite = torch.isfinite(mean).all() & torch.isfinite(m2).all()
     if not compiling and not finite:
         _warn_nonfinite(name, warn_key)

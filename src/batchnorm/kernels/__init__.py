@@ -53,6 +53,21 @@ def implementation(x: Tensor) -> ModuleType:
     return native
 
 
+def update_running_stats(running_mean: Tensor, running_var: Tensor,
+                         num_batches_tracked: Tensor | None, count: Tensor, mean: Tensor,
+                         m2: Tensor, momentum: float | None) -> bool | None:
+    """Eager fast path of `functional.update_running_stats` (the rule lives there): whether the
+    batch statistics were finite and applied, or None where no kernel applies (the caller then
+    runs its torch ops)."""
+    if mean.device.type != "cpu" or mean.dtype not in _CPU_DTYPES:
+        return None
+    global _cpu
+    if _cpu is None:
+        from batchnorm.kernels import cpu as _cpu
+    return _cpu.update_running_stats(running_mean, running_var, num_batches_tracked, count, mean,
+                                     m2, momentum)
+
+
 @functools.cache
 def _cuda() -> ModuleType | None:
     """The Triton kernels, imported on the first CUDA tensor (importing triton takes seconds, and
