@@ -267,6 +267,24 @@ def test_the_cases_cover_every_path():
     assert plans == {(kind, threads) for kind in ("nchw", "lanes", "rows") for threads in (1, 2)}
 
 
+@pytest.mark.skipif(cpu._MADVISE is None, reason="no transparent huge pages on this system")
+def test_large_outputs_are_allowed_huge_pages():
+    x = torch.randn(4, 64, 64, 64).contiguous(memory_format=torch.channels_last)  # 4 MB
+    y = cpu._empty_like(x)
+    assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
+    start = y.data_ptr()
+    with open("/proc/self/smaps") as smaps:
+        regions = smaps.read().split("\n")
+    flags = []  # the VmFlags of every mapping that holds part of y
+    for i, line in enumerate(regions):
+        if "-" in line.split(" ", 1)[0]:
+            lo, hi = (int(v, 16) for v in line.split(" ", 1)[0].split("-"))
+            current = lo < start + x.numel() * 4 and hi > start
+        elif line.startswith("VmFlags:") and current:
+            flags.append(line.split()[1:])
+    assert any("hg" in f for f in flags), flags  # "hg": madvise(MADV_HUGEPAGE) took
+
+
 def test_dispatch_table():
     assert kernels.implementation(torch.randn(2, 3, 4, 4)) is cpu
     assert kernels.implementation(torch.randn(2, 3, 4, 4, dtype=torch.float64)) is cpu
