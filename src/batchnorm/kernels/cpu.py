@@ -93,33 +93,52 @@ ACT_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "silu
 # so its loads cannot alias an output):
 # k = (slope, 0.5, 1, sqrt(2/pi), 0.044715, 2, 0, 3*0.044715).
 
+# One function per epilogue and direction, each inlined into its own loop below: a single
+# act(v, code) inlined with a constant code still types all five bodies at each of the eight
+# sites, which Numba's first compile pays for.
+
 @njit(**_INLINE)
-def _act(v, code, k):
-    """act(v) for the five epilogues. gelu_tanh calls tanh itself: 1 - 2/(1 + exp(2u)) loses
-    ~1e-7 absolutely near u = 0, and the parameter gradients sum that error over the batch."""
-    if code == IDENTITY:
-        return v
-    if code == RELU:
-        return k[6] if v < k[6] else v
-    if code == LEAKY_RELU:
-        return v * k[0] if v < k[6] else v
-    if code == SILU:
-        return v / (k[2] + np.exp(-v))
+def _relu(v, k):
+    return k[6] if v < k[6] else v
+
+
+@njit(**_INLINE)
+def _leaky_relu(v, k):
+    return v * k[0] if v < k[6] else v
+
+
+@njit(**_INLINE)
+def _silu(v, k):
+    return v / (k[2] + np.exp(-v))
+
+
+@njit(**_INLINE)
+def _gelu_tanh(v, k):
+    # tanh itself: 1 - 2/(1 + exp(2u)) loses ~1e-7 absolutely near u = 0, and the parameter
+    # gradients sum that error over the batch.
     return k[1] * v * (k[2] + np.tanh(k[3] * (v + k[4] * v * v * v)))
 
 
+# dy * act'(v), v the pre-activation (relu/leaky_relu: the sign of v, as y > 0 iff v > 0).
+
 @njit(**_INLINE)
-def _act_grad(dy, v, code, k):
-    """dy * act'(v), v the pre-activation (relu/leaky_relu: the sign of v, as y > 0 iff v > 0)."""
-    if code == IDENTITY:
-        return dy
-    if code == RELU:
-        return dy if v > k[6] else k[6]
-    if code == LEAKY_RELU:
-        return dy if v > k[6] else dy * k[0]
-    if code == SILU:
-        s = k[2] / (k[2] + np.exp(-v))
-        return dy * s * (k[2] + v * (k[2] - s))
+def _relu_grad(dy, v, k):
+    return dy if v > k[6] else k[6]
+
+
+@njit(**_INLINE)
+def _leaky_relu_grad(dy, v, k):
+    return dy if v > k[6] else dy * k[0]
+
+
+@njit(**_INLINE)
+def _silu_grad(dy, v, k):
+    s = k[2] / (k[2] + np.exp(-v))
+    return dy * s * (k[2] + v * (k[2] - s))
+
+
+@njit(**_INLINE)
+def _gelu_tanh_grad(dy, v, k):
     c = k[3]
     t = np.tanh(c * (v + k[4] * v * v * v))
     return dy * (k[1] * (k[2] + t) + k[1] * v * (k[2] - t * t) * c * (k[2] + k[7] * v * v))
@@ -156,16 +175,16 @@ def _activate(y, code, k):
     """y = act(y) in place over a slice."""
     if code == RELU:
         for j in range(y.shape[0]):
-            y[j] = _act(y[j], RELU, k)
+            y[j] = _relu(y[j], k)
     elif code == LEAKY_RELU:
         for j in range(y.shape[0]):
-            y[j] = _act(y[j], LEAKY_RELU, k)
+            y[j] = _leaky_relu(y[j], k)
     elif code == SILU:
         for j in range(y.shape[0]):
-            y[j] = _act(y[j], SILU, k)
+            y[j] = _silu(y[j], k)
     elif code == GELU_TANH:
         for j in range(y.shape[0]):
-            y[j] = _act(y[j], GELU_TANH, k)
+            y[j] = _gelu_tanh(y[j], k)
 
 
 @njit(**_FLAGS)
@@ -173,16 +192,16 @@ def _activation_grad(g, dy, code, k):
     """g = dy * act'(g) in place: g holds the pre-activation on entry."""
     if code == RELU:
         for j in range(g.shape[0]):
-            g[j] = _act_grad(dy[j], g[j], RELU, k)
+            g[j] = _relu_grad(dy[j], g[j], k)
     elif code == LEAKY_RELU:
         for j in range(g.shape[0]):
-            g[j] = _act_grad(dy[j], g[j], LEAKY_RELU, k)
+            g[j] = _leaky_relu_grad(dy[j], g[j], k)
     elif code == SILU:
         for j in range(g.shape[0]):
-            g[j] = _act_grad(dy[j], g[j], SILU, k)
+            g[j] = _silu_grad(dy[j], g[j], k)
     elif code == GELU_TANH:
         for j in range(g.shape[0]):
-            g[j] = _act_grad(dy[j], g[j], GELU_TANH, k)
+            g[j] = _gelu_tanh_grad(dy[j], g[j], k)
 
 
 @njit(**_INLINE)
