@@ -154,9 +154,11 @@ def main(argv=None):
     info["loadavg_end"] = os.getloadavg()
     if not args.quick:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
+        partial = f"{args.out}.{os.getpid()}.tmp"  # a crash mid-write keeps the old results
+        with open(partial, "w") as f:
             json.dump({"machine": info, "runs": args.runs, "rows": rows, "summary": summary}, f,
                       indent=1)
+        os.replace(partial, args.out)
         print(f"wrote {args.out}")
 
 
