@@ -570,6 +570,16 @@ def _fold(tiled, c, out):
             out[j] += tiled[r * c + j]
 
 
+@njit(**_INLINE)
+def _tiled_walk(lo, hi, rows, c):
+    """Rows lo..hi as (start, stride, count, width) walks of lanes: the whole tiles of `rows`
+    rows, then the rest as one short tile. A loop over both keeps one inlined copy of the walk
+    (each copy costs a second of first compile)."""
+    tiles = (hi - lo) // rows
+    return ((lo * c, rows * c, tiles, rows * c),
+            ((lo + tiles * rows) * c, 0, 1, (hi - lo - tiles * rows) * c))
+
+
 def _rows_stats_kernel(x, c, s1, s2, lo, hi):
     # x: (P*C,) flat rows; s1, s2: (C,) float64 partials (this thread's) of sum(d), sum(d^2),
     # d = x - x[0, :], over rows lo..hi
@@ -577,9 +587,8 @@ def _rows_stats_kernel(x, c, s1, s2, lo, hi):
     shift = _tile(x[:c], rows, s1)
     t1 = np.zeros(rows * c)
     t2 = np.zeros(rows * c)
-    tiles = (hi - lo) // rows
-    _moments(x, lo * c, rows * c, tiles, rows * c, shift, t1, t2)
-    _moments(x, (lo + tiles * rows) * c, 0, 1, (hi - lo - tiles * rows) * c, shift, t1, t2)
+    for start, stride, count, w in _tiled_walk(lo, hi, rows, c):
+        _moments(x, start, stride, count, w, shift, t1, t2)
     _fold(t1, c, s1)
     _fold(t2, c, s2)
 
@@ -629,11 +638,8 @@ def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b
     tg = np.zeros(rows * c)
     tgx = np.zeros(rows * c)
     buf = np.empty(rows * c, x.dtype)
-    tiles = (hi - lo) // rows
-    _grad_moments(dy, x, z, buf, lo * c, rows * c, tiles, rows * c, a, b, mu, has_z, code, k,
-                  tg, tgx)
-    _grad_moments(dy, x, z, buf, (lo + tiles * rows) * c, 0, 1, (hi - lo - tiles * rows) * c, a,
-                  b, mu, has_z, code, k, tg, tgx)
+    for start, stride, count, w in _tiled_walk(lo, hi, rows, c):
+        _grad_moments(dy, x, z, buf, start, stride, count, w, a, b, mu, has_z, code, k, tg, tgx)
     _fold(tg, c, sg)
     _fold(tgx, c, sgx)
 
