@@ -436,6 +436,41 @@ def test_read_only_package_caches_in_a_user_directory():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.skipif(cpu._cores() < 2, reason="the backward compiles in a second process only "
+                                            "with a second core")
+def test_first_step_compiles_the_backward_in_a_second_process():
+    """With an empty cache the first training forward starts a child that compiles the backward
+    kernels, and the backward loads them from the cache; the next process starts no child."""
+    script = textwrap.dedent("""
+        import torch, batchnorm
+        from batchnorm import functional as F
+        from batchnorm.kernels import cpu
+        F._SMALL_NUMEL = 0
+        torch.manual_seed(0)
+        x = torch.randn(6, 8, 7, 7, requires_grad=True)
+        ours, theirs = batchnorm.BatchNorm2d(8), torch.nn.BatchNorm2d(8)
+        ours(x).square().sum().backward()
+        grad, x.grad = x.grad, None
+        theirs(x).square().sum().backward()
+        assert torch.allclose(grad, x.grad, atol=1e-5), (grad - x.grad).abs().max()
+        child = cpu._compilers[("lanes", torch.float32)]
+        print(None if child is None else child.returncode,
+              sum(cpu._compiled["lanes_backward"].stats.cache_hits.values()))
+    """)
+    cache = tempfile.mkdtemp(prefix="batchnorm-numba-")
+    try:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                               text=True, timeout=600) for _ in range(2)]
+        for run in runs:
+            assert run.returncode == 0, run.stderr
+        assert runs[0].stdout.split() == ["0", "1"]  # the child compiled, the backward loaded
+        assert runs[1].stdout.split() == ["None", "1"]  # cached: no child
+        assert any(name.startswith("batchnorm-lanes-float32-") for name in os.listdir(cache))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def test_eager_and_compiled_paths_agree_to_the_bit():
     """Eager runs the fused train_forward, torch.compile runs the stats and forward ops with
     invstd formed by torch.rsqrt in functional: both must give the same statistics and output."""

@@ -33,9 +33,13 @@ the package directory is read-only the cache goes to a user directory (`_choose_
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import math
 import os
+import platform
+import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -949,6 +953,86 @@ def _loaded_library(names: tuple[str, ...]) -> str | None:
     return None
 
 
+# ---- first compile: the backward kernels compile in a second process ------------------------
+# A fresh install's first training step compiles the forward kernels of its walk, then the
+# backward ones, about 5 s each here, one after the other: Numba compiles on one core, under a
+# process-wide lock. So the first training forward of a walk and dtype starts a child process that
+# compiles the backward kernels into the same on-disk cache on another core, and the backward waits
+# for it and loads them. The child leaves a marker next to the cache once done, so later processes
+# (their kernels cached) start none. Should the child fail, the backward compiles them itself.
+
+_SAMPLES = {"nchw": ((2, 2, 32, 32), torch.contiguous_format),
+            "lanes": ((4, 8, 7, 7), torch.contiguous_format),
+            "rows": ((2, 8, 16, 16), torch.channels_last)}
+_compilers: dict[tuple[str, torch.dtype], subprocess.Popen | None] = {}
+
+
+def _ready_marker(kind: str, dtype: torch.dtype) -> str:
+    """The file a child writes once the backward kernels of (kind, dtype) are in the cache; its
+    name changes with this file's source and the Numba and Python versions (what the cache's
+    validity depends on)."""
+    here = os.path.abspath(__file__)
+    cache_dir = numba.config.CACHE_DIR or os.path.join(os.path.dirname(here), "__pycache__")
+    with open(here, "rb") as source:
+        digest = hashlib.sha256(source.read())
+    digest.update(f"{numba.__version__} {sys.version} {platform.machine()}".encode())
+    return os.path.join(cache_dir, f"batchnorm-{kind}-{str(dtype)[6:]}-{digest.hexdigest()[:16]}"
+                                   f".ready")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _compile_backward_elsewhere(kind: str, dtype: torch.dtype) -> None:
+    """Start the child compiling the backward kernels of (kind, dtype), once per process, unless
+    their marker says an earlier process did (or this is a fork child: no subprocesses there)."""
+    key = (kind, dtype)
+    if key in _compilers:
+        return
+    _compilers[key] = None
+    if _forked or _cores() < 2 or os.path.exists(_ready_marker(kind, dtype)):
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if numba.config.CACHE_DIR:
+        env["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
+    code = f"from batchnorm.kernels import cpu; cpu._compile_backward({kind!r}, {str(dtype)!r})"
+    try:
+        _compilers[key] = subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        pass
+
+
+def _await_backward_compile(kind: str, dtype: torch.dtype) -> None:
+    child = _compilers.get((kind, dtype))
+    if child is not None and child.returncode is None:
+        try:
+            child.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _compile_backward(kind: str, dtype_name: str) -> None:
+    """The child's work: one backward through the `kind` walk in `dtype` compiles its kernels
+    (the argument types are those of every call), then the marker."""
+    dtype = getattr(torch, dtype_name.removeprefix("torch."))
+    shape, fmt = _SAMPLES[kind]
+    x = torch.rand(shape, dtype=dtype).contiguous(memory_format=fmt)
+    assert _plan(x)[0] == kind, (kind, _plan(x))
+    channels = torch.ones(shape[1], dtype=dtype)
+    backward(x, x, channels, channels, channels, channels, None, None, "identity", 0.0, True,
+             None, None, None, True)
+    marker = _ready_marker(kind, dtype)
+    with open(f"{marker}.{os.getpid()}", "w"):
+        pass
+    os.replace(f"{marker}.{os.getpid()}", marker)
+
+
 def _rows_stats(xf: np.ndarray, p: int, c: int, eps: float, st_np: np.ndarray) -> None:
     ranges = _ranges(p, p * c)
     s1 = np.zeros((len(ranges), c))
@@ -964,6 +1048,8 @@ def _batch_stats(x: Tensor, z: Tensor | None, y: Tensor | None, weight: Tensor |
     unless it is None: the fused training forward, and the `stats` op."""
     acc = _ACC[x.dtype]
     kind, p, c, s, group = _plan(x)
+    if y is not None:
+        _compile_backward_elsewhere(kind, x.dtype)
     st = torch.empty((4, c), dtype=acc)
     st_np, xf = st.numpy(), _flat(x)
     yf = xf if y is None else _flat(y)
@@ -1090,6 +1176,7 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
     g = dy*act'(pre) recomputed from x (and z), so `y` is not read."""
     acc = _ACC[x.dtype]
     kind, p, c, s, group = _plan(x)
+    _await_backward_compile(kind, x.dtype)
     dy = _like(dy, x)
     need_sums = sum_dy is None or sum_dy_xhat is None
     if need_sums:
