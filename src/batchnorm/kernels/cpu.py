@@ -3,8 +3,9 @@
 Batch norm is memory-bound, so its speed is the number of walks over the tensor. The kernels
 finish each piece of the tensor while it is still in cache:
 
-- training forward: shifted sums of a channel, then y = act(a*x + b (+ z)) over the same channel
-  (the second read comes from L2/L3, not memory): one read of x and one write of y from DRAM;
+- training forward: shifted sums of a channel, then y = act(a*(x - mean) + b (+ z)) over the
+  same channel (the second read comes from L2/L3, not memory): one read of x and one write of y
+  from DRAM;
 - backward: sum(g) and sum(g*x_hat), then dx over the same channel; g = dy*act'(pre) is
   recomputed from x (and z), so neither y nor a mask is read;
 - eval forward: the per-channel affine plus epilogue, one pass.
@@ -22,7 +23,7 @@ Numerics: statistics accumulate in float64 from d = x - shift, the shift being t
 first element, so m2 = sum(d^2) - sum(d)^2/M does not cancel when |mean| >> std. Every partial of a
 channel uses the same shift, so plain addition is the exact merge of partials (Chan's merge
 reduces to it). The normalize and dx passes compute in x's dtype with per-channel coefficients
-formed in float64.
+formed in float64, from x - mean (exact where x is near the mean; see `_affine`).
 
 Numba is imported when this module is, which `kernels.implementation` delays to the first CPU
 fp32/fp64 call (importing `batchnorm` stays fast). Kernels compile lazily with `cache=True`, one
@@ -162,10 +163,12 @@ def _at_impl(coefficient, j):
 
 
 @njit(**_INLINE)
-def _affine(x, z, out, a, b, has_z):
-    """out = a*x + b (+ z) over a slice; a, b scalars or arrays aligned with it."""
+def _affine(x, z, out, a, m, b, has_z):
+    """out = a*(x - m) + b (+ z) over a slice; a, m, b scalars or arrays aligned with it.
+    Not a*x + (b - a*m): where |mean| >> std that form cancels in the input's dtype (fp32 output
+    error 2e-5 at |mean|/std = 1e3, measured), while x - m is exact there."""
     for j in range(out.shape[0]):
-        out[j] = _at(a, j) * x[j] + _at(b, j)
+        out[j] = _at(a, j) * (x[j] - _at(m, j)) + _at(b, j)
     if has_z:
         for j in range(out.shape[0]):
             out[j] += z[j]
@@ -209,19 +212,20 @@ def _activation_grad(g, dy, code, k):
 
 
 @njit(**_INLINE)
-def _normalize(x, z, y, a, b, has_z, code, k):
-    """y = act(a*x + b (+ z)) over a slice (the forward epilogue)."""
-    _affine(x, z, y, a, b, has_z)
+def _normalize(x, z, y, a, m, b, has_z, code, k):
+    """y = act(a*(x - m) + b (+ z)) over a slice (the forward epilogue)."""
+    _affine(x, z, y, a, m, b, has_z)
     _activate(y, code, k)
 
 
 @njit(**_FLAGS)
-def _grad(dy, x, z, buf, a, b, has_z, code, k):
-    """g = dy * act'(a*x + b (+ z)) over a slice: dy itself for identity, else written to buf."""
+def _grad(dy, x, z, buf, a, m, b, has_z, code, k):
+    """g = dy * act'(a*(x - m) + b (+ z)) over a slice: dy itself for identity, else written to
+    buf."""
     if code == IDENTITY:
         return dy
     g = buf[:dy.shape[0]]
-    _affine(x, z, g, a, b, has_z)
+    _affine(x, z, g, a, m, b, has_z)
     _activation_grad(g, dy, code, k)
     return g
 
@@ -253,11 +257,10 @@ def _grad_input(g, x, dx, a, mean, p, q):
 
 
 @njit(**_INLINE)
-def _coefficients(mean, invstd, weight, bias, has_w, has_b, c):
-    """Fold the affine into y = a*x + b: a = weight*invstd, b = bias - mean*a (float64)."""
+def _coefficients(invstd, weight, bias, has_w, has_b, c):
+    """y = a*(x - mean) + b: a = weight*invstd (float64), b = bias (0 without one)."""
     a = np.float64(invstd[c]) * (np.float64(weight[c]) if has_w else 1.0)
-    b = (np.float64(bias[c]) if has_b else 0.0) - np.float64(mean[c]) * a
-    return a, b
+    return a, (np.float64(bias[c]) if has_b else 0.0)
 
 
 @njit(**_INLINE)
@@ -300,8 +303,8 @@ def _moments(x, start, stride, rows, w, shift, t1, t2):
 @njit(**_INLINE)
 def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, k, t1, t2):
     """Per lane j < w: t1[j] += sum(g), t2[j] += sum(g*(x - mu[j])) over `rows` rows of lanes
-    at start + r*stride, g = dy*act'(a*x + b (+ z)); without an activation g = dy, four rows per
-    walk over the accumulators (as `_moments`)."""
+    at start + r*stride, g = dy*act'(a*(x - mu) + b (+ z)); without an activation g = dy, four
+    rows per walk over the accumulators (as `_moments`)."""
     r = 0
     if code == IDENTITY:
         while r + 4 <= rows:
@@ -318,7 +321,7 @@ def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, 
     for r in range(r, rows):
         o = start + r * stride
         xr = x[o:o + w]
-        g = _grad(dy[o:o + w], xr, z[o:o + w], buf, a[:w], b[:w], has_z, code, k)
+        g = _grad(dy[o:o + w], xr, z[o:o + w], buf, a[:w], mu[:w], b[:w], has_z, code, k)
         for j in range(w):
             t1[j] += g[j]
             t2[j] += g[j] * (xr[j] - mu[j])
@@ -374,11 +377,12 @@ def _nchw_train_forward_kernel(x, z, y, n, c, s, weight, bias, has_w, has_b, has
     ab = np.empty(2, x.dtype)  # a, b rounded to x's dtype
     for ch in range(lo, hi):
         _nchw_channel_stats(x, n, c, s, ch, eps, one, st)
-        ab[0], ab[1] = _coefficients(st[1], st[3], weight, bias, has_w, has_b, ch)
+        ab[0], ab[1] = _coefficients(st[3], weight, bias, has_w, has_b, ch)
         for i in range(n):
             for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
                 j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
-                _normalize(x[j0:j1], z[j0:j1], y[j0:j1], ab[0], ab[1], has_z, code, k)
+                _normalize(x[j0:j1], z[j0:j1], y[j0:j1], ab[0], st[1, ch], ab[1], has_z, code,
+                           k)
 
 
 def _nchw_forward_kernel(x, z, y, n, c, s, mean, invstd, weight, bias, has_w, has_b, has_z, code,
@@ -388,10 +392,11 @@ def _nchw_forward_kernel(x, z, y, n, c, s, mean, invstd, weight, bias, has_w, ha
     k = _unpack(kv)
     ab = np.empty(2, x.dtype)
     for row in range(lo, hi):
-        ab[0], ab[1] = _coefficients(mean, invstd, weight, bias, has_w, has_b, row % c)
+        ab[0], ab[1] = _coefficients(invstd, weight, bias, has_w, has_b, row % c)
         for j0 in range(row * s, (row + 1) * s, _CHUNK):
             j1 = min(j0 + _CHUNK, (row + 1) * s)
-            _normalize(x[j0:j1], z[j0:j1], y[j0:j1], ab[0], ab[1], has_z, code, k)
+            _normalize(x[j0:j1], z[j0:j1], y[j0:j1], ab[0], mean[row % c], ab[1], has_z, code,
+                       k)
 
 
 def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias, has_w, has_b,
@@ -406,7 +411,7 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
     coef = np.empty(5, x.dtype)  # a, b, mean, p, q rounded to x's dtype
     buf = np.empty(_CHUNK, x.dtype)
     for ch in range(lo, hi):
-        a64, b64 = _coefficients(mean, invstd, weight, bias, has_w, has_b, ch)
+        a64, b64 = _coefficients(invstd, weight, bias, has_w, has_b, ch)
         inv = np.float64(invstd[ch])
         mu = np.float64(mean[ch])
         coef[0], coef[1], coef[2] = a64, b64, mu
@@ -417,7 +422,8 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
                 for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
                     j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
                     xr = x[j0:j1]
-                    g = _grad(dy[j0:j1], xr, z[j0:j1], buf, coef[0], coef[1], has_z, code, k)
+                    g = _grad(dy[j0:j1], xr, z[j0:j1], buf, coef[0], coef[2], coef[1], has_z,
+                              code, k)
                     for j in range(j1 - j0):
                         sg += g[j]
                         sgx += g[j] * (np.float64(xr[j]) - mu)
@@ -429,8 +435,8 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
             for i in range(n):
                 for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
                     j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
-                    g = _grad(dy[j0:j1], x[j0:j1], z[j0:j1], buf, coef[0], coef[1], has_z, code,
-                              k)
+                    g = _grad(dy[j0:j1], x[j0:j1], z[j0:j1], buf, coef[0], coef[2], coef[1],
+                              has_z, code, k)
                     if write_dz:
                         _copy(g, dz[j0:j1])
                     if write_dx:
@@ -457,8 +463,8 @@ def _lanes_forward_kernel(x, z, y, p_rows, c, s, mean, invstd, weight, bias, has
     # x, z, y: (P*C*S,) flat; mean, invstd, weight, bias: (C,); kv: (8,) epilogue constants;
     # channels lo..hi in groups of `group`. batch_stats: st (4, C) gets count, mean, m2,
     # invstd = 1/sqrt(m2/M + eps) of x (shifted by each channel's first value, as
-    # `_nchw_stats`), and those normalize; else mean, invstd do.
-    # write_y: y = act(weight*(x - mean)*invstd + bias (+ z))
+    # `_nchw_stats`), and those normalize (the caller passes st[1], st[3] as mean, invstd);
+    # else mean, invstd do. write_y: y = act(weight*(x - mean)*invstd + bias (+ z))
     k = _unpack(kv)
     width = c * s
     wmax = group * s
@@ -466,6 +472,7 @@ def _lanes_forward_kernel(x, z, y, p_rows, c, s, mean, invstd, weight, bias, has
     acc1 = np.empty(wmax)
     acc2 = np.empty(wmax)
     a = np.empty(wmax, x.dtype)
+    mu = np.empty(wmax, x.dtype)
     b = np.empty(wmax, x.dtype)
     for c0 in range(lo, hi, group):
         c1 = min(c0 + group, hi)
@@ -486,15 +493,14 @@ def _lanes_forward_kernel(x, z, y, p_rows, c, s, mean, invstd, weight, bias, has
                 st[3, ch] = one / np.sqrt(st[2, ch] / st[0, ch] + eps)  # as `_nchw_channel_stats`
         if write_y:
             for ch in range(c0, c1):
-                if batch_stats:
-                    av, bv = _coefficients(st[1], st[3], weight, bias, has_w, has_b, ch)
-                else:
-                    av, bv = _coefficients(mean, invstd, weight, bias, has_w, has_b, ch)
+                av, bv = _coefficients(invstd, weight, bias, has_w, has_b, ch)
                 _spread(a, av, (ch - c0) * s, s)
+                _spread(mu, mean[ch], (ch - c0) * s, s)
                 _spread(b, bv, (ch - c0) * s, s)
             for p in range(p_rows):
                 o = p * width + l0
-                _normalize(x[o:o + w], z[o:o + w], y[o:o + w], a[:w], b[:w], has_z, code, k)
+                _normalize(x[o:o + w], z[o:o + w], y[o:o + w], a[:w], mu[:w], b[:w], has_z, code,
+                           k)
 
 
 def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight, bias, has_w,
@@ -518,7 +524,7 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
         l0, w = c0 * s, (c1 - c0) * s
         for ch in range(c0, c1):
             j0 = (ch - c0) * s
-            av, bv = _coefficients(mean, invstd, weight, bias, has_w, has_b, ch)
+            av, bv = _coefficients(invstd, weight, bias, has_w, has_b, ch)
             _spread(a, av, j0, s)
             _spread(b, bv, j0, s)
             _spread(mu, mean[ch], j0, s)
@@ -533,7 +539,7 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
                 sum_gxhat[ch] = _total(t2[j0:j0 + s]) * np.float64(invstd[ch])
         if write_dx or write_dz:
             for ch in range(c0, c1):
-                av, _ = _coefficients(mean, invstd, weight, bias, has_w, has_b, ch)
+                av, _ = _coefficients(invstd, weight, bias, has_w, has_b, ch)
                 pc, qc = _dx_coefficients(
                     av, np.float64(invstd[ch]), np.float64(sum_g[ch]), np.float64(sum_gxhat[ch]),
                     np.float64(count[ch]) if has_count else np.float64(p_rows * s), training)
@@ -541,7 +547,8 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
                 _spread(qq, qc, (ch - c0) * s, s)
             for p in range(p_rows):
                 o = p * width + l0
-                g = _grad(dy[o:o + w], x[o:o + w], z[o:o + w], buf, a[:w], b[:w], has_z, code, k)
+                g = _grad(dy[o:o + w], x[o:o + w], z[o:o + w], buf, a[:w], mu[:w], b[:w], has_z,
+                          code, k)
                 if write_dz:
                     _copy(g, dz[o:o + w])
                 if write_dx:
@@ -609,13 +616,13 @@ def _rows_stats_merge_kernel(x, p, eps, one, s1, s2, st):
 
 
 @njit(**_INLINE)
-def _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, like):
+def _rows_coefficients(invstd, weight, bias, has_w, has_b, rows, like):
     """a, b of `_coefficients` for every channel, tiled `rows` times, in like's dtype."""
-    c = mean.shape[0]
+    c = invstd.shape[0]
     a = np.empty(c)
     b = np.empty(c)
     for j in range(c):
-        a[j], b[j] = _coefficients(mean, invstd, weight, bias, has_w, has_b, j)
+        a[j], b[j] = _coefficients(invstd, weight, bias, has_w, has_b, j)
     return _tile(a, rows, like), _tile(b, rows, like)
 
 
@@ -625,10 +632,12 @@ def _rows_forward_kernel(x, z, y, c, mean, invstd, weight, bias, has_w, has_b, h
     # rows lo..hi. y = act(weight*(x - mean)*invstd + bias (+ z))
     k = _unpack(kv)
     rows = max(1, _CHUNK // c)
-    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, x)
+    a, b = _rows_coefficients(invstd, weight, bias, has_w, has_b, rows, x)
+    mu = _tile(mean, rows, x)
     for r0 in range(lo, hi, rows):
         j0, j1 = r0 * c, min(hi, r0 + rows) * c
-        _normalize(x[j0:j1], z[j0:j1], y[j0:j1], a[:j1 - j0], b[:j1 - j0], has_z, code, k)
+        n = j1 - j0
+        _normalize(x[j0:j1], z[j0:j1], y[j0:j1], a[:n], mu[:n], b[:n], has_z, code, k)
 
 
 def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b, has_z, code,
@@ -637,7 +646,7 @@ def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b
     # partials (this thread's) of sum(g), sum(g*(x - mean)) over rows lo..hi, g = dy*act'(pre)
     k = _unpack(kv)
     rows = max(1, _CHUNK // c)
-    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, x)
+    a, b = _rows_coefficients(invstd, weight, bias, has_w, has_b, rows, x)
     mu = _tile(mean, rows, x)
     tg = np.zeros(rows * c)
     tgx = np.zeros(rows * c)
@@ -658,7 +667,7 @@ def _rows_grad_input_kernel(dy, x, z, dx, dz, p, c, mean, invstd, weight, bias, 
     # dx = a*g + p*(x - mean) + q (`_dx_coefficients`), dz = g
     k = _unpack(kv)
     rows = max(1, _CHUNK // c)
-    a, b = _rows_coefficients(mean, invstd, weight, bias, has_w, has_b, rows, x)
+    a, b = _rows_coefficients(invstd, weight, bias, has_w, has_b, rows, x)
     pq = np.empty((2, c))
     for j in range(c):
         total_g = _total(sg[:, j]) if need_sums else np.float64(sum_g[j])
@@ -673,7 +682,7 @@ def _rows_grad_input_kernel(dy, x, z, dx, dz, p, c, mean, invstd, weight, bias, 
     for r0 in range(lo, hi, rows):
         j0, j1 = r0 * c, min(hi, r0 + rows) * c
         n = j1 - j0
-        g = _grad(dy[j0:j1], x[j0:j1], z[j0:j1], buf, a[:n], b[:n], has_z, code, k)
+        g = _grad(dy[j0:j1], x[j0:j1], z[j0:j1], buf, a[:n], mu[:n], b[:n], has_z, code, k)
         if write_dz:
             _copy(g, dz[j0:j1])
         if write_dx:
