@@ -7,7 +7,7 @@ For every case (shape x layout x mode) `setup` builds the inputs once; the speed
 BN+ReLU mode) is timed alternately on the same tensors, and the memory floor is the time of the
 minimal passes over the tensor (2 forward: read x, write y; 5 forward+backward: + read dy, read x,
 write dx) at the copy bandwidth measured on a tensor of the same size in the same run
-(`dst.copy_(src)` moves 2 passes). Every timed call allocates its outputs, as a training step does,
+(`dst.copy_(src)` moves 2 passes; its fastest run). Every timed call allocates its outputs, as a training step does,
 so allocation and first-touch page faults count against both providers.
 """
 
@@ -92,9 +92,11 @@ def median_times(fns, runs, warmup=3, stat=statistics.median):
 
 
 def copy_time(x, runs):
+    """The fastest of `runs` copies of x: the floor is a lower bound, and a median copy time
+    swung 3x between cases of the same size on this VM."""
     src = x.detach().clone()
     dst = torch.empty_like(src)
-    (t,), _ = median_times([lambda: dst.copy_(src)], runs)
+    _, (t,) = median_times([lambda: dst.copy_(src)], runs)
     return t
 
 
