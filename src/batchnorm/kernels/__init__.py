@@ -42,12 +42,9 @@ def implementation(x: Tensor) -> ModuleType:
     so that importing batchnorm does not import Numba). CUDA: the Triton kernels where they
     apply. Everything else: `native`.
     """
-    global _cpu
     if x.device.type == "cpu" and x.dtype in _CPU_DTYPES:
-        if _cpu is None:
-            from batchnorm.kernels import cpu as _cpu
-        if _cpu.supports(x):
-            return _cpu
+        if (cpu := _cpu_kernels()).supports(x):
+            return cpu
     elif x.is_cuda and (cuda := _cuda()) is not None and cuda.supports(x):
         return cuda
     return native
@@ -61,11 +58,16 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     runs its torch ops)."""
     if mean.device.type != "cpu" or mean.dtype not in _CPU_DTYPES:
         return None
+    return _cpu_kernels().update_running_stats(running_mean, running_var, num_batches_tracked,
+                                               count, mean, m2, momentum)
+
+
+def _cpu_kernels() -> ModuleType:
+    """The Numba kernels, imported on first use (importing Numba takes ~0.5 s)."""
     global _cpu
     if _cpu is None:
         from batchnorm.kernels import cpu as _cpu
-    return _cpu.update_running_stats(running_mean, running_var, num_batches_tracked, count, mean,
-                                     m2, momentum)
+    return _cpu
 
 
 @functools.cache
