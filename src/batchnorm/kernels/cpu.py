@@ -995,12 +995,15 @@ def _cores() -> int:
 
 def _compile_backward_elsewhere(kind: str, dtype: torch.dtype) -> None:
     """Start the child compiling the backward kernels of (kind, dtype), once per process, unless
-    their marker says an earlier process did (or this is a fork child: no subprocesses there)."""
+    their marker says an earlier process did. Not in a fork child, with one core (the child
+    would only slow the parent), or when sys.executable is not a Python (an embedding binary such
+    as uwsgi or a frozen app may not take `-c`)."""
     key = (kind, dtype)
     if key in _compilers:
         return
     _compilers[key] = None
-    if _forked or _cores() < 2 or os.path.exists(_ready_marker(kind, dtype)):
+    if (_forked or _cores() < 2 or not os.path.basename(sys.executable).startswith("python")
+            or os.path.exists(_ready_marker(kind, dtype))):
         return
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if numba.config.CACHE_DIR:
@@ -1020,7 +1023,7 @@ def _await_backward_compile(kind: str, dtype: torch.dtype) -> None:
     child = _compilers.get((kind, dtype))
     if child is not None and child.returncode is None:
         try:
-            child.wait(timeout=300)
+            child.wait(timeout=120)  # ~10 s here; past this, compiling here costs less
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
