@@ -989,6 +989,14 @@ def _ready_marker(kind: str, dtype: torch.dtype) -> str:
                                    f".ready")
 
 
+def _writable(directory: str) -> bool:
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK)
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -1002,9 +1010,11 @@ def _compile_backward_elsewhere(kind: str, dtype: torch.dtype) -> None:
     if key in _compilers:
         return
     _compilers[key] = None
-    if (_forked or _cores() < 2 or not os.path.basename(sys.executable).startswith("python")
-            or os.path.exists(_ready_marker(kind, dtype))):
+    if _forked or _cores() < 2 or not os.path.basename(sys.executable).startswith("python"):
         return
+    marker = _ready_marker(kind, dtype)
+    if os.path.exists(marker) or not _writable(os.path.dirname(marker)):
+        return  # cached already, or nothing the child compiled could reach us
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if numba.config.CACHE_DIR:
         env["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR
