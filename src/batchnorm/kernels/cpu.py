@@ -304,25 +304,30 @@ def _moments(x, start, stride, rows, w, shift, t1, t2):
 @njit(**_INLINE)
 def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, k, t1, t2):
     """Per lane j < w: t1[j] += sum(g), t2[j] += sum(g*(x - mu[j])) over `rows` rows of lanes
-    at start + r*stride, g = dy*act'(a*(x - mu) + b (+ z)); without an activation g = dy, four
-    rows per walk over the accumulators (as `_moments`)."""
+    at start + r*stride, g = dy*act'(a*(x - mu) + b (+ z)) (dy itself without an activation,
+    else formed in the four quarters of buf, 4*w long); four rows per walk over the
+    accumulators (as `_moments`)."""
     r = 0
-    if code == IDENTITY:
-        while r + 4 <= rows:
-            o = start + r * stride
-            g0, g1 = dy[o:o + w], dy[o + stride:o + stride + w]
-            g2, g3 = dy[o + 2 * stride:o + 2 * stride + w], dy[o + 3 * stride:o + 3 * stride + w]
-            x0, x1 = x[o:o + w], x[o + stride:o + stride + w]
-            x2, x3 = x[o + 2 * stride:o + 2 * stride + w], x[o + 3 * stride:o + 3 * stride + w]
-            for j in range(w):
-                t1[j] += (g0[j] + g1[j]) + (g2[j] + g3[j])
-                t2[j] += ((g0[j] * (x0[j] - mu[j]) + g1[j] * (x1[j] - mu[j]))
-                          + (g2[j] * (x2[j] - mu[j]) + g3[j] * (x3[j] - mu[j])))
-            r += 4
+    am, mm, bm = a[:w], mu[:w], b[:w]
+    while r + 4 <= rows:
+        o0, o1, o2, o3 = start + r * stride, start + (r + 1) * stride, start + (r + 2) * stride, \
+            start + (r + 3) * stride
+        x0, x1, x2, x3 = x[o0:o0 + w], x[o1:o1 + w], x[o2:o2 + w], x[o3:o3 + w]
+        g0 = _grad(dy[o0:o0 + w], x0, z[o0:o0 + w], buf[:w], am, mm, bm, has_z, code, k)
+        g1 = _grad(dy[o1:o1 + w], x1, z[o1:o1 + w], buf[w:2 * w], am, mm, bm, has_z, code, k)
+        g2 = _grad(dy[o2:o2 + w], x2, z[o2:o2 + w], buf[2 * w:3 * w], am, mm, bm, has_z, code,
+                   k)
+        g3 = _grad(dy[o3:o3 + w], x3, z[o3:o3 + w], buf[3 * w:4 * w], am, mm, bm, has_z, code,
+                   k)
+        for j in range(w):
+            t1[j] += (g0[j] + g1[j]) + (g2[j] + g3[j])
+            t2[j] += ((g0[j] * (x0[j] - mu[j]) + g1[j] * (x1[j] - mu[j]))
+                      + (g2[j] * (x2[j] - mu[j]) + g3[j] * (x3[j] - mu[j])))
+        r += 4
     for r in range(r, rows):
         o = start + r * stride
         xr = x[o:o + w]
-        g = _grad(dy[o:o + w], xr, z[o:o + w], buf, a[:w], mu[:w], b[:w], has_z, code, k)
+        g = _grad(dy[o:o + w], xr, z[o:o + w], buf[:w], am, mm, bm, has_z, code, k)
         for j in range(w):
             t1[j] += g[j]
             t2[j] += g[j] * (xr[j] - mu[j])
@@ -519,7 +524,7 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
     qq = np.empty(wmax, x.dtype)
     acc1 = np.empty(wmax)
     acc2 = np.empty(wmax)
-    buf = np.empty(wmax, x.dtype)
+    buf = np.empty(4 * wmax, x.dtype)  # four rows' g (`_grad_moments`)
     for c0 in range(lo, hi, group):
         c1 = min(c0 + group, hi)
         l0, w = c0 * s, (c1 - c0) * s
@@ -651,7 +656,7 @@ def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b
     mu = _tile(mean, rows, x)
     tg = np.zeros(rows * c)
     tgx = np.zeros(rows * c)
-    buf = np.empty(rows * c, x.dtype)
+    buf = np.empty(4 * rows * c, x.dtype)  # four tiles' g (`_grad_moments`)
     for start, stride, count, w in _tiled_walk(lo, hi, rows, c):
         _grad_moments(dy, x, z, buf, start, stride, count, w, a, b, mu, has_z, code, k, tg, tgx)
     _fold(tg, c, sg)
