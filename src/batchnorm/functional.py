@@ -141,6 +141,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
             # Unfused epilogue: at these sizes a torch op costs less than our fused kernel's call.
             return native.activate(y if residual is None else y + residual, activation,
                                    negative_slope)
+    if (isinstance(input, Tensor) and activation in kernels.ACTIVATIONS
+            and activation not in kernels.fused_activations(input)):
+        # This kernel's epilogue would be slower than torch's own op (kernels/cpu.py): normalize
+        # (and add the residual) in the kernel, then activate.
+        y = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       num_batches_tracked=num_batches_tracked, residual=residual,
+                       layer_name=layer_name, warn_key=warn_key, sync=sync,
+                       process_group=process_group)
+        return native.activate(y, activation, negative_slope)
     name = layer_name or "batch_norm"
     _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name)
     if activation not in kernels.ACTIVATIONS:

@@ -61,10 +61,12 @@ BIG = [((4, 8, 64, 65), torch.contiguous_format),   # nchw
 @pytest.fixture(autouse=True)
 def numba_kernels_on_two_threads(monkeypatch):
     """Every batch here runs on the Numba kernels: the small-batch path (aten's kernel,
-    `functional._small_batch`) is off. BIG cases split between two threads only if torch allows
-    two (the lab's conftest sets one for the whole process when its tests share the worker)."""
+    `functional._small_batch`) is off, and every epilogue is fused (`cpu.FUSED_ACTIVATIONS`).
+    BIG cases split between two threads only if torch allows two (the lab's conftest sets one
+    for the whole process when its tests share the worker)."""
     monkeypatch.setattr(F, "_SMALL_NUMEL", 0)
     monkeypatch.setattr(F, "_SMALL_ROWS", 0)
+    monkeypatch.setattr(cpu, "FUSED_ACTIVATIONS", ACTS)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -297,6 +299,25 @@ def test_large_outputs_are_allowed_huge_pages():
         elif line.startswith("VmFlags:") and current:
             flags.append(line.split()[1:])
     assert any("hg" in f for f in flags), flags  # "hg": madvise(MADV_HUGEPAGE) took
+
+
+def test_slow_epilogues_run_as_torch_ops_after_the_kernel(monkeypatch):
+    # Numba's exp/tanh are scalar calls: silu and gelu_tanh go to torch's vectorized ops; the
+    # cheap epilogues stay fused. Both give the reference values.
+    monkeypatch.setattr(cpu, "FUSED_ACTIVATIONS", ("identity", "relu", "leaky_relu"))
+    x, weight, bias, z, dy = make((4, 6, 9, 9), torch.contiguous_format, torch.float32)
+    fused_node = type(F.batch_norm(x.requires_grad_(), None, None, weight, bias, True,
+                                   activation="relu").grad_fn)
+    for act in ACTS:
+        y, grads = run_ours(x, weight, bias, z, dy, act, True)
+        y_ref, grads_ref = reference_step(x, weight, bias, z, dy, act, True)
+        assert_scaled(y, y_ref, TOL[torch.float32], f"y ({act})")
+        for name, g in grads_ref.items():
+            assert_scaled(grads[name], g, TOL[torch.float32], f"d{name} ({act})")
+        xx = x.detach().requires_grad_()
+        node = type(F.batch_norm(xx, None, None, weight, bias, True, residual=z,
+                                 activation=act).grad_fn)
+        assert (node is fused_node) == (act in ("identity", "relu", "leaky_relu")), (act, node)
 
 
 def test_dispatch_table():

@@ -50,6 +50,12 @@ def implementation(x: Tensor) -> ModuleType:
     return native
 
 
+def fused_activations(x: Tensor) -> tuple[str, ...]:
+    """The activations that `implementation(x)` fuses into its kernels at a profit; functional
+    applies the others as torch ops after a kernel without one."""
+    return getattr(implementation(x), "FUSED_ACTIVATIONS", ACTIVATIONS)
+
+
 def update_running_stats(running_mean: Tensor, running_var: Tensor,
                          num_batches_tracked: Tensor | None, count: Tensor, mean: Tensor,
                          m2: Tensor, momentum: float | None) -> bool | None:
