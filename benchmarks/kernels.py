@@ -3,12 +3,13 @@
     .venv/bin/python benchmarks/kernels.py [--runs 11] [--threads 2] [--quick] [--out PATH]
 
 For every case (shape x layout x mode) `setup` builds the inputs once; the speed of `ours`
-(batchnorm's layers / functional) and `torch` (torch.nn.BatchNorm*, followed by torch.relu for the
-BN+ReLU mode) is timed alternately on the same tensors, and the memory floor is the time of the
-minimal passes over the tensor (2 forward: read x, write y; 5 forward+backward: + read dy, read x,
-write dx) at the copy bandwidth measured on a tensor of the same size in the same run
-(`dst.copy_(src)` moves 2 passes; its fastest run). Every timed call allocates its outputs, as a training step does,
-so allocation and first-touch page faults count against both providers.
+(batchnorm's layers / functional) and `torch` (torch.nn.BatchNorm*, followed by torch.relu or
+silu for the BN+ReLU and BN+SiLU modes) is timed alternately on the same tensors, and the memory
+floor is the time of the minimal passes over the tensor (2 forward: read x, write y; 5
+forward+backward: + read dy, read x, write dx) at the copy bandwidth measured on a tensor of the
+same size in the same run (`dst.copy_(src)` moves 2 passes; its fastest run). Every timed call
+allocates its outputs, as a training step does, so allocation and first-touch page faults count
+against both providers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from batchnorm import functional as BF
 SHAPES = [(32, 64, 56, 56), (64, 256, 14, 14), (256, 128, 8, 8), (8, 32, 112, 112),
           (32, 2048, 7, 7), (512, 1024), (16, 64, 32, 32, 8)]
 SMALL = [(100, 100), (32, 16, 8, 8)]
-MODES = {"train fwd": 2, "train fwd+bwd": 5, "eval fwd": 2, "BN+ReLU fwd+bwd": 5}
+MODES = {"train fwd": 2, "train fwd+bwd": 5, "eval fwd": 2, "BN+ReLU fwd+bwd": 5,
+         "BN+SiLU fwd+bwd": 5}
+# The epilogue modes: our fused (or, per `kernels.fused_activations`, unfused) activation against
+# torch.nn's batch norm followed by torch's op.
+EPILOGUES = {"BN+ReLU fwd+bwd": ("relu", torch.relu),
+             "BN+SiLU fwd+bwd": ("silu", torch.nn.functional.silu)}
 LAYER = {2: (batchnorm.BatchNorm1d, torch.nn.BatchNorm1d), 3: (batchnorm.BatchNorm1d, torch.nn.BatchNorm1d),
          4: (batchnorm.BatchNorm2d, torch.nn.BatchNorm2d), 5: (batchnorm.BatchNorm3d, torch.nn.BatchNorm3d)}
 
@@ -52,13 +58,13 @@ def setup(shape, fmt, mode):
     training = not mode.startswith("eval")
     ours.train(training)
     ref.train(training)
-    relu = mode.startswith("BN+ReLU")
+    act, torch_act = EPILOGUES.get(mode, ("identity", None))
 
     def run_ours():
-        if relu:
+        if torch_act is not None:
             y = BF.batch_norm(x, ours.running_mean, ours.running_var, ours.weight, ours.bias,
                               True, ours.momentum, ours.eps,
-                              num_batches_tracked=ours.num_batches_tracked, activation="relu")
+                              num_batches_tracked=ours.num_batches_tracked, activation=act)
         else:
             y = ours(x)
         if x.requires_grad:
@@ -67,8 +73,8 @@ def setup(shape, fmt, mode):
 
     def run_torch():
         y = ref(x)
-        if relu:
-            y = torch.relu(y)
+        if torch_act is not None:
+            y = torch_act(y)
         if x.requires_grad:
             x.grad = ref.weight.grad = ref.bias.grad = None
             y.backward(dy)
@@ -177,6 +183,7 @@ def summarize(rows):
         "median ratio BN+ReLU fwd+bwd, NCHW (target >= 3.5)": med("BN+ReLU fwd+bwd", channels_first, "ratio"),
         "median ours/floor train fwd+bwd, all layouts (target <= 2)": med("train fwd+bwd", channels_first + channels_last, "ours_over_floor"),
         "min ratio over all cases (target >= 1)": min(r["ratio"] for r in rows),
+        "median ratio BN+SiLU fwd+bwd, NCHW (no target)": med("BN+SiLU fwd+bwd", channels_first, "ratio"),
     }
     out.update({
         "  same, ratio of fastest runs: train fwd+bwd, NCHW": med("train fwd+bwd", channels_first, "ratio_of_mins"),
