@@ -141,7 +141,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
             # Unfused epilogue: at these sizes a torch op costs less than our fused kernel's call.
             return native.activate(y if residual is None else y + residual, activation,
                                    negative_slope)
-    if (isinstance(input, Tensor) and activation in kernels.ACTIVATIONS
+    if (activation != "identity" and isinstance(input, Tensor)
+            and activation in kernels.ACTIVATIONS
             and activation not in kernels.fused_activations(input)):
         # This kernel's epilogue would be slower than torch's own op (kernels/cpu.py): normalize
         # (and add the residual) in the kernel, then activate.
