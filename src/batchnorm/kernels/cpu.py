@@ -14,8 +14,8 @@ Three layouts, chosen by `_plan`; the flat memory is P rows of C channels of S v
 (contiguous: P = N, S = prod(spatial); channels-last and (N, C): S = 1):
 - "nchw": S >= 512: a channel is N runs of S values; one thread owns whole channels and reduces
   each run in registers.
-- "lanes": shorter runs: a thread owns groups of channels whose part of every row is ~2048
-  contiguous values (lanes), accumulates per lane over the rows, and the group's values fit L2.
+- "lanes": shorter runs: a thread owns groups of channels whose part of every row is ~4096
+  contiguous values (lanes) and accumulates per lane over the rows.
 - "rows": S = 1 with many rows (channels-last, long (N, C)): threads own ranges of rows: partial
   sums, a merge, then the elementwise pass.
 
@@ -460,8 +460,7 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
 # of S values costs more than the values. A thread owns groups of `group` channels; the group's
 # part of every row is w = group*S contiguous values ("lanes"), and the kernels walk the rows
 # accumulating per lane (lane j belongs to channel c0 + j // S), so every inner loop is w long and
-# vectorizes. The group is sized (`_plan`) so that its P*w values stay in L2 between the statistics
-# pass and the normalize pass, as the "nchw" kernels keep a channel.
+# vectorizes. The group's rows are long (`_plan`): the normalize pass re-reads them from L2 or L3.
 
 @njit(**_INLINE)
 def _spread(dst, value, j0, s):
@@ -722,15 +721,18 @@ _ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
 # Below this many values per thread a second thread costs more (a pool hand-off, ~20 us) than it
 # saves.
 _MIN_NUMEL_PER_THREAD = 1 << 16
-# Layout choice (`_plan`), tuned on a 2-core EPYC with 1 MB of L2 per core: a channel row of at
-# least _SEGMENT_MIN values is walked by the "nchw" loops; shorter ones by "lanes", in groups of
-# about _LANES lanes whose values fit _L2_GROUP bytes; with S = 1 and too many rows for a group of
-# _MIN_LANES lanes to fit, or at least _ROWS_MIN rows (measured: its backward is faster there), by
-# "rows".
+# Layout choice (`_plan`), tuned on a 2-core EPYC (512 KB of L2 per core, 32 MB of L3): a channel
+# row of at least _SEGMENT_MIN values is walked by the "nchw" loops; shorter ones by "lanes", in
+# groups of about _LANES lanes (16 KB of fp32 per row); with S = 1 and fewer than _MIN_LANES
+# channels per thread, or at least _ROWS_MIN rows (measured: its backward is faster there), by
+# "rows". The lanes group is not shrunk to keep its P rows in L2 for the second pass: long
+# contiguous runs, which the prefetchers follow, paid more than L2 hits (measured on
+# 256x128x8x8: groups of 8 channels, 2 KB runs that fit L2: forward 1.6 ms, backward 3.5 ms;
+# groups of 64, 16 KB runs from L3: 1.2 and 1.7 ms; and 1024x128x8x8, past L3: 15 and 21 ms
+# against 10 and 12 ms).
 _SEGMENT_MIN = 512
-_LANES = 2048
+_LANES = 4096
 _MIN_LANES = 256
-_L2_GROUP = 1 << 19
 _ROWS_MIN = 256
 
 
@@ -761,8 +763,7 @@ def _plan(x: Tensor) -> tuple[str, int, int, int, int]:
     s = numel // (p * c)
     if s >= _SEGMENT_MIN:
         return "nchw", p, c, s, 1
-    group = min(-(-_LANES // s), max(1, _L2_GROUP // (p * s * x.element_size())),
-                -(-c // _threads(numel)))
+    group = min(-(-_LANES // s), -(-c // _threads(numel)))
     if s == 1 and (p >= _ROWS_MIN or group * s < _MIN_LANES):
         return "rows", p, c, 1, 0
     if group * s < _MIN_LANES:
