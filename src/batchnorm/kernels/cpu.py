@@ -108,14 +108,20 @@ FUSED_ACTIVATIONS = ("identity", "relu", "leaky_relu")
 # act(v, code) inlined with a constant code still types all five bodies at each of the eight
 # sites, which Numba's first compile pays for.
 
+# relu and leaky_relu add k[6] = 0 to the value they keep: applied in place (`_activate`), "keep v"
+# would let LLVM store only the changed elements, with a masked store (vmaskmovps) that is
+# microcoded on AMD Zen: it made a ReLU pass ~10x slower than the affine before it (measured
+# 0.87 against 0.08 ns per value here). A runtime zero is an addition LLVM cannot fold away, so
+# every element is stored; v + 0 is v, and -0.0 becomes 0.0, as torch.relu gives.
+
 @njit(**_INLINE)
 def _relu(v, k):
-    return k[6] if v < k[6] else v
+    return k[6] if v < k[6] else v + k[6]
 
 
 @njit(**_INLINE)
 def _leaky_relu(v, k):
-    return v * k[0] if v < k[6] else v
+    return v * k[0] if v < k[6] else v + k[6]
 
 
 @njit(**_INLINE)
@@ -237,6 +243,41 @@ def _grad(dy, x, z, buf, a, m, b, has_z, code, k):
     return g
 
 
+# relu and leaky_relu without a residual: the backward forms g inside its own loops, one select
+# per value, instead of writing it to `_grad`'s buffer first (a call and two more passes per
+# chunk: the relu backward measured ~2x the identity one that way).
+
+@njit(**_INLINE)
+def _rectified(code, has_z):
+    """Whether g = dy*act'(pre) is formed in the caller's loop (`_rectifier_grad`)."""
+    return (code == RELU or code == LEAKY_RELU) and not has_z
+
+
+@njit(**_INLINE)
+def _rectifier_grad(dy, v, k, leaky):
+    """dy*act'(v) for relu (leaky False) and leaky_relu."""
+    return dy if v > k[6] else (dy * k[0] if leaky else k[6])
+
+
+@njit(**_INLINE)
+def _input_grad(dy, x, z, dx, dz, buf, a, m, b, p, q, has_z, code, k, write_dx, write_dz):
+    """dx = a*g + p*(x - m) + q and dz = g over a slice, g = dy*act'(a*(x - m) + b (+ z))
+    (p, q: see `_dx_coefficients`)."""
+    if _rectified(code, has_z):
+        if write_dx:
+            leaky = code == LEAKY_RELU
+            for j in range(dx.shape[0]):
+                e = x[j] - _at(m, j)
+                g = _rectifier_grad(dy[j], _at(a, j) * e + _at(b, j), k, leaky)
+                dx[j] = _at(a, j) * g + _at(p, j) * e + _at(q, j)
+        return
+    g = _grad(dy, x, z, buf, a, m, b, has_z, code, k)
+    if write_dz:
+        _copy(g, dz)
+    if write_dx:
+        _grad_input(g, x, dx, a, m, p, q)
+
+
 # Loops rather than `dst[a:b] = src` and `v.sum()`: Numba compiles a slice assignment's
 # shape-mismatch error message with its whole string-formatting machinery (measured: 4.8 s of a
 # backward kernel's 12.7 s first compile).
@@ -308,35 +349,76 @@ def _moments(x, start, stride, rows, w, shift, t1, t2):
 
 
 @njit(**_INLINE)
-def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, k, t1, t2):
-    """Per lane j < w: t1[j] += sum(g), t2[j] += sum(g*(x - mu[j])) over `rows` rows of lanes
-    at start + r*stride, g = dy*act'(a*(x - mu) + b (+ z)) (dy itself without an activation,
-    else formed in the four quarters of buf, 4*w long); four rows per walk over the
-    accumulators (as `_moments`)."""
+def _rectified_moments(dy, x, start, stride, rows, w, a, b, mu, leaky, k, t1, t2):
+    """`_grad_moments` for relu (leaky False) and leaky_relu without a residual: g formed in
+    the loop."""
     r = 0
-    am, mm, bm = a[:w], mu[:w], b[:w]
     while r + 4 <= rows:
         o0, o1, o2, o3 = start + r * stride, start + (r + 1) * stride, start + (r + 2) * stride, \
             start + (r + 3) * stride
         x0, x1, x2, x3 = x[o0:o0 + w], x[o1:o1 + w], x[o2:o2 + w], x[o3:o3 + w]
-        g0 = _grad(dy[o0:o0 + w], x0, z[o0:o0 + w], buf[:w], am, mm, bm, has_z, code, k)
-        g1 = _grad(dy[o1:o1 + w], x1, z[o1:o1 + w], buf[w:2 * w], am, mm, bm, has_z, code, k)
-        g2 = _grad(dy[o2:o2 + w], x2, z[o2:o2 + w], buf[2 * w:3 * w], am, mm, bm, has_z, code,
-                   k)
-        g3 = _grad(dy[o3:o3 + w], x3, z[o3:o3 + w], buf[3 * w:4 * w], am, mm, bm, has_z, code,
-                   k)
+        d0, d1, d2, d3 = dy[o0:o0 + w], dy[o1:o1 + w], dy[o2:o2 + w], dy[o3:o3 + w]
         for j in range(w):
-            t1[j] += (g0[j] + g1[j]) + (g2[j] + g3[j])
-            t2[j] += ((g0[j] * (x0[j] - mu[j]) + g1[j] * (x1[j] - mu[j]))
-                      + (g2[j] * (x2[j] - mu[j]) + g3[j] * (x3[j] - mu[j])))
+            e0, e1, e2, e3 = x0[j] - mu[j], x1[j] - mu[j], x2[j] - mu[j], x3[j] - mu[j]
+            g0 = _rectifier_grad(d0[j], a[j] * e0 + b[j], k, leaky)
+            g1 = _rectifier_grad(d1[j], a[j] * e1 + b[j], k, leaky)
+            g2 = _rectifier_grad(d2[j], a[j] * e2 + b[j], k, leaky)
+            g3 = _rectifier_grad(d3[j], a[j] * e3 + b[j], k, leaky)
+            t1[j] += (g0 + g1) + (g2 + g3)
+            t2[j] += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
         r += 4
     for r in range(r, rows):
         o = start + r * stride
-        xr = x[o:o + w]
-        g = _grad(dy[o:o + w], xr, z[o:o + w], buf[:w], am, mm, bm, has_z, code, k)
+        xr, dr = x[o:o + w], dy[o:o + w]
         for j in range(w):
-            t1[j] += g[j]
-            t2[j] += g[j] * (xr[j] - mu[j])
+            e = xr[j] - mu[j]
+            g = _rectifier_grad(dr[j], a[j] * e + b[j], k, leaky)
+            t1[j] += g
+            t2[j] += g * e
+
+
+@njit(**_INLINE)
+def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, k, t1, t2):
+    """Per lane j < w: t1[j] += sum(g), t2[j] += sum(g*(x - mu[j])) over `rows` rows of lanes
+    at start + r*stride, g = dy*act'(a*(x - mu) + b (+ z)) (dy itself without an activation,
+    else formed in the four quarters of buf, 4*_CHUNK long); four rows per walk over the
+    accumulators (as `_moments`), in pieces of _CHUNK lanes so that the four rows' g stay in L1."""
+    if _rectified(code, has_z):
+        _rectified_moments(dy, x, start, stride, rows, w, a, b, mu, code == LEAKY_RELU, k, t1, t2)
+        return
+    r = 0
+    while r + 4 <= rows:
+        o0, o1, o2, o3 = start + r * stride, start + (r + 1) * stride, start + (r + 2) * stride, \
+            start + (r + 3) * stride
+        for l0 in range(0, w, _CHUNK):
+            n = min(w - l0, _CHUNK)
+            am, mm, bm, s1, s2 = a[l0:l0 + n], mu[l0:l0 + n], b[l0:l0 + n], t1[l0:l0 + n], \
+                t2[l0:l0 + n]
+            i0, i1, i2, i3 = o0 + l0, o1 + l0, o2 + l0, o3 + l0
+            x0, x1, x2, x3 = x[i0:i0 + n], x[i1:i1 + n], x[i2:i2 + n], x[i3:i3 + n]
+            g0 = _grad(dy[i0:i0 + n], x0, z[i0:i0 + n], buf[:n], am, mm, bm, has_z, code, k)
+            g1 = _grad(dy[i1:i1 + n], x1, z[i1:i1 + n], buf[n:2 * n], am, mm, bm, has_z, code,
+                       k)
+            g2 = _grad(dy[i2:i2 + n], x2, z[i2:i2 + n], buf[2 * n:3 * n], am, mm, bm, has_z,
+                       code, k)
+            g3 = _grad(dy[i3:i3 + n], x3, z[i3:i3 + n], buf[3 * n:4 * n], am, mm, bm, has_z,
+                       code, k)
+            for j in range(n):
+                s1[j] += (g0[j] + g1[j]) + (g2[j] + g3[j])
+                s2[j] += ((g0[j] * (x0[j] - mm[j]) + g1[j] * (x1[j] - mm[j]))
+                          + (g2[j] * (x2[j] - mm[j]) + g3[j] * (x3[j] - mm[j])))
+        r += 4
+    for r in range(r, rows):
+        o = start + r * stride
+        for l0 in range(0, w, _CHUNK):
+            n = min(w - l0, _CHUNK)
+            mm, s1, s2, i = mu[l0:l0 + n], t1[l0:l0 + n], t2[l0:l0 + n], o + l0
+            xr = x[i:i + n]
+            g = _grad(dy[i:i + n], xr, z[i:i + n], buf[:n], a[l0:l0 + n], mm, b[l0:l0 + n],
+                      has_z, code, k)
+            for j in range(n):
+                s1[j] += g[j]
+                s2[j] += g[j] * (xr[j] - mm[j])
 
 
 # ---- layout "nchw": x is flat (N*C*S,), channel c is the N rows x[(n*C + c)*S : ... + S] -----
@@ -433,9 +515,15 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
             for i in range(n):
                 for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
                     j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
-                    xr = x[j0:j1]
-                    g = _grad(dy[j0:j1], xr, z[j0:j1], buf, coef[0], coef[2], coef[1], has_z,
-                              code, k)
+                    xr, dr = x[j0:j1], dy[j0:j1]
+                    if _rectified(code, has_z):
+                        for j in range(j1 - j0):
+                            g = _rectifier_grad(dr[j], coef[0] * (xr[j] - coef[2]) + coef[1], k,
+                                                code == LEAKY_RELU)
+                            sg += g
+                            sgx += g * (np.float64(xr[j]) - mu)
+                        continue
+                    g = _grad(dr, xr, z[j0:j1], buf, coef[0], coef[2], coef[1], has_z, code, k)
                     for j in range(j1 - j0):
                         sg += g[j]
                         sgx += g[j] * (np.float64(xr[j]) - mu)
@@ -447,12 +535,9 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
             for i in range(n):
                 for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
                     j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
-                    g = _grad(dy[j0:j1], x[j0:j1], z[j0:j1], buf, coef[0], coef[2], coef[1],
-                              has_z, code, k)
-                    if write_dz:
-                        _copy(g, dz[j0:j1])
-                    if write_dx:
-                        _grad_input(g, x[j0:j1], dx[j0:j1], coef[0], coef[2], coef[3], coef[4])
+                    _input_grad(dy[j0:j1], x[j0:j1], z[j0:j1], dx[j0:j1], dz[j0:j1], buf,
+                                coef[0], coef[2], coef[1], coef[3], coef[4], has_z, code, k,
+                                write_dx, write_dz)
 
 
 # ---- layout "lanes": x is flat (P*C*S,), element (p, ch, j) at (p*C + ch)*S + j ---------------
@@ -529,7 +614,7 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
     qq = np.empty(wmax, x.dtype)
     acc1 = np.empty(wmax)
     acc2 = np.empty(wmax)
-    buf = np.empty(4 * wmax, x.dtype)  # four rows' g (`_grad_moments`)
+    buf = np.empty(4 * _CHUNK, x.dtype)  # four rows' g (`_grad_moments`)
     for c0 in range(lo, hi, group):
         c1 = min(c0 + group, hi)
         l0, w = c0 * s, (c1 - c0) * s
@@ -557,13 +642,12 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
                 _spread(pp, pc, (ch - c0) * s, s)
                 _spread(qq, qc, (ch - c0) * s, s)
             for p in range(p_rows):
-                o = p * width + l0
-                g = _grad(dy[o:o + w], x[o:o + w], z[o:o + w], buf, a[:w], mu[:w], b[:w], has_z,
-                          code, k)
-                if write_dz:
-                    _copy(g, dz[o:o + w])
-                if write_dx:
-                    _grad_input(g, x[o:o + w], dx[o:o + w], a[:w], mu[:w], pp[:w], qq[:w])
+                for j0 in range(0, w, _CHUNK):
+                    n = min(w - j0, _CHUNK)
+                    o = p * width + l0 + j0
+                    _input_grad(dy[o:o + n], x[o:o + n], z[o:o + n], dx[o:o + n], dz[o:o + n],
+                                buf, a[j0:j0 + n], mu[j0:j0 + n], b[j0:j0 + n], pp[j0:j0 + n],
+                                qq[j0:j0 + n], has_z, code, k, write_dx, write_dz)
 
 
 # ---- layout "rows": x is flat (P*C,), row r holds channels x[r*C : r*C + C] ------------------
@@ -661,7 +745,7 @@ def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b
     mu = _tile(mean, rows, x)
     tg = np.zeros(rows * c)
     tgx = np.zeros(rows * c)
-    buf = np.empty(4 * rows * c, x.dtype)  # four tiles' g (`_grad_moments`)
+    buf = np.empty(4 * _CHUNK, x.dtype)  # four tiles' g (`_grad_moments`)
     for start, stride, count, w in _tiled_walk(lo, hi, rows, c):
         _grad_moments(dy, x, z, buf, start, stride, count, w, a, b, mu, has_z, code, k, tg, tgx)
     _fold(tg, c, sg)
@@ -693,11 +777,8 @@ def _rows_grad_input_kernel(dy, x, z, dx, dz, p, c, mean, invstd, weight, bias, 
     for r0 in range(lo, hi, rows):
         j0, j1 = r0 * c, min(hi, r0 + rows) * c
         n = j1 - j0
-        g = _grad(dy[j0:j1], x[j0:j1], z[j0:j1], buf, a[:n], mu[:n], b[:n], has_z, code, k)
-        if write_dz:
-            _copy(g, dz[j0:j1])
-        if write_dx:
-            _grad_input(g, x[j0:j1], dx[j0:j1], a[:n], mu[:n], pp[:n], qq[:n])
+        _input_grad(dy[j0:j1], x[j0:j1], z[j0:j1], dx[j0:j1], dz[j0:j1], buf, a[:n], mu[:n],
+                    b[:n], pp[:n], qq[:n], has_z, code, k, write_dx, write_dz)
 
 
 # ---- host side: layout, threads, and the four functions of the kernel interface ------------
