@@ -243,9 +243,9 @@ def _grad(dy, x, z, buf, a, m, b, has_z, code, k):
     return g
 
 
-# relu and leaky_relu without a residual: the backward forms g inside its own loops, one select
-# per value, instead of writing it to `_grad`'s buffer first (a call and two more passes per
-# chunk: the relu backward measured ~2x the identity one that way).
+# relu and leaky_relu without a residual: the backward forms g in its own loops, one select per
+# value, instead of writing it to `_grad`'s buffer first (a call and two more passes per chunk:
+# the relu backward measured ~2x the identity one that way).
 
 @njit(**_INLINE)
 def _rectified(code, has_z):
@@ -254,9 +254,9 @@ def _rectified(code, has_z):
 
 
 @njit(**_INLINE)
-def _rectifier_grad(dy, v, k, leaky):
-    """dy*act'(v) for relu (leaky False) and leaky_relu."""
-    return dy if v > k[6] else (dy * k[0] if leaky else k[6])
+def _rectifier_grad(dy, v, k, code):
+    """dy*act'(v) for relu and leaky_relu."""
+    return dy if v > k[6] else (dy * k[0] if code == LEAKY_RELU else k[6])
 
 
 @njit(**_INLINE)
@@ -265,10 +265,9 @@ def _input_grad(dy, x, z, dx, dz, buf, a, m, b, p, q, has_z, code, k, write_dx, 
     (p, q: see `_dx_coefficients`)."""
     if _rectified(code, has_z):
         if write_dx:
-            leaky = code == LEAKY_RELU
             for j in range(dx.shape[0]):
                 e = x[j] - _at(m, j)
-                g = _rectifier_grad(dy[j], _at(a, j) * e + _at(b, j), k, leaky)
+                g = _rectifier_grad(dy[j], _at(a, j) * e + _at(b, j), k, code)
                 dx[j] = _at(a, j) * g + _at(p, j) * e + _at(q, j)
         return
     g = _grad(dy, x, z, buf, a, m, b, has_z, code, k)
@@ -348,76 +347,43 @@ def _moments(x, start, stride, rows, w, shift, t1, t2):
             t2[j] += d * d
 
 
-@njit(**_INLINE)
-def _rectified_moments(dy, x, start, stride, rows, w, a, b, mu, leaky, k, t1, t2):
-    """`_grad_moments` for relu (leaky False) and leaky_relu without a residual: g formed in
-    the loop."""
-    r = 0
-    while r + 4 <= rows:
-        o0, o1, o2, o3 = start + r * stride, start + (r + 1) * stride, start + (r + 2) * stride, \
-            start + (r + 3) * stride
-        x0, x1, x2, x3 = x[o0:o0 + w], x[o1:o1 + w], x[o2:o2 + w], x[o3:o3 + w]
-        d0, d1, d2, d3 = dy[o0:o0 + w], dy[o1:o1 + w], dy[o2:o2 + w], dy[o3:o3 + w]
-        for j in range(w):
-            e0, e1, e2, e3 = x0[j] - mu[j], x1[j] - mu[j], x2[j] - mu[j], x3[j] - mu[j]
-            g0 = _rectifier_grad(d0[j], a[j] * e0 + b[j], k, leaky)
-            g1 = _rectifier_grad(d1[j], a[j] * e1 + b[j], k, leaky)
-            g2 = _rectifier_grad(d2[j], a[j] * e2 + b[j], k, leaky)
-            g3 = _rectifier_grad(d3[j], a[j] * e3 + b[j], k, leaky)
-            t1[j] += (g0 + g1) + (g2 + g3)
-            t2[j] += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
-        r += 4
-    for r in range(r, rows):
-        o = start + r * stride
-        xr, dr = x[o:o + w], dy[o:o + w]
-        for j in range(w):
-            e = xr[j] - mu[j]
-            g = _rectifier_grad(dr[j], a[j] * e + b[j], k, leaky)
-            t1[j] += g
-            t2[j] += g * e
-
-
-@njit(**_INLINE)
+@njit(**_FLAGS)
 def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, k, t1, t2):
     """Per lane j < w: t1[j] += sum(g), t2[j] += sum(g*(x - mu[j])) over `rows` rows of lanes
-    at start + r*stride, g = dy*act'(a*(x - mu) + b (+ z)) (dy itself without an activation,
-    else formed in the four quarters of buf, 4*_CHUNK long); four rows per walk over the
-    accumulators (as `_moments`), in pieces of _CHUNK lanes so that the four rows' g stay in L1
-    (identity reads dy itself, in one piece: measured 10% faster)."""
-    if _rectified(code, has_z):
-        _rectified_moments(dy, x, start, stride, rows, w, a, b, mu, code == LEAKY_RELU, k, t1, t2)
-        return
-    piece = max(w, 1) if code == IDENTITY else _CHUNK  # w = 0: an empty tile (`_tiled_walk`)
+    at start + r*stride, g = dy*act'(a*(x - mu) + b (+ z)). identity (g = dy), relu and
+    leaky_relu without a residual walk four rows per pass over the accumulators (as `_moments`);
+    the rest, and the last rows % 4 rows, form g in buf (_CHUNK long) a row at a time. A call,
+    not inlined: it runs once per walk, and each inlined copy costs seconds of first compile."""
     r = 0
-    while r + 4 <= rows:
-        o0, o1, o2, o3 = start + r * stride, start + (r + 1) * stride, start + (r + 2) * stride, \
-            start + (r + 3) * stride
-        for l0 in range(0, w, piece):
-            n = min(w - l0, piece)
-            am, mm, bm, s1, s2 = a[l0:l0 + n], mu[l0:l0 + n], b[l0:l0 + n], t1[l0:l0 + n], \
-                t2[l0:l0 + n]
-            i0, i1, i2, i3 = o0 + l0, o1 + l0, o2 + l0, o3 + l0
-            x0, x1, x2, x3 = x[i0:i0 + n], x[i1:i1 + n], x[i2:i2 + n], x[i3:i3 + n]
-            g0 = _grad(dy[i0:i0 + n], x0, z[i0:i0 + n], buf[:n], am, mm, bm, has_z, code, k)
-            g1 = _grad(dy[i1:i1 + n], x1, z[i1:i1 + n], buf[n:2 * n], am, mm, bm, has_z, code,
-                       k)
-            g2 = _grad(dy[i2:i2 + n], x2, z[i2:i2 + n], buf[2 * n:3 * n], am, mm, bm, has_z,
-                       code, k)
-            g3 = _grad(dy[i3:i3 + n], x3, z[i3:i3 + n], buf[3 * n:4 * n], am, mm, bm, has_z,
-                       code, k)
-            for j in range(n):
-                s1[j] += (g0[j] + g1[j]) + (g2[j] + g3[j])
-                s2[j] += ((g0[j] * (x0[j] - mm[j]) + g1[j] * (x1[j] - mm[j]))
-                          + (g2[j] * (x2[j] - mm[j]) + g3[j] * (x3[j] - mm[j])))
-        r += 4
+    if code == IDENTITY or _rectified(code, has_z):
+        while r + 4 <= rows:
+            o0, o1, o2, o3 = start + r * stride, start + (r + 1) * stride, \
+                start + (r + 2) * stride, start + (r + 3) * stride
+            x0, x1, x2, x3 = x[o0:o0 + w], x[o1:o1 + w], x[o2:o2 + w], x[o3:o3 + w]
+            d0, d1, d2, d3 = dy[o0:o0 + w], dy[o1:o1 + w], dy[o2:o2 + w], dy[o3:o3 + w]
+            if code == IDENTITY:
+                for j in range(w):
+                    e0, e1, e2, e3 = x0[j] - mu[j], x1[j] - mu[j], x2[j] - mu[j], x3[j] - mu[j]
+                    t1[j] += (d0[j] + d1[j]) + (d2[j] + d3[j])
+                    t2[j] += (d0[j] * e0 + d1[j] * e1) + (d2[j] * e2 + d3[j] * e3)
+            else:
+                for j in range(w):
+                    e0, e1, e2, e3 = x0[j] - mu[j], x1[j] - mu[j], x2[j] - mu[j], x3[j] - mu[j]
+                    g0 = _rectifier_grad(d0[j], a[j] * e0 + b[j], k, code)
+                    g1 = _rectifier_grad(d1[j], a[j] * e1 + b[j], k, code)
+                    g2 = _rectifier_grad(d2[j], a[j] * e2 + b[j], k, code)
+                    g3 = _rectifier_grad(d3[j], a[j] * e3 + b[j], k, code)
+                    t1[j] += (g0 + g1) + (g2 + g3)
+                    t2[j] += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
+            r += 4
     for r in range(r, rows):
         o = start + r * stride
-        for l0 in range(0, w, piece):
-            n = min(w - l0, piece)
-            mm, s1, s2, i = mu[l0:l0 + n], t1[l0:l0 + n], t2[l0:l0 + n], o + l0
+        for l0 in range(0, w, _CHUNK):
+            n = min(w - l0, _CHUNK)
+            i, mm, s1, s2 = o + l0, mu[l0:l0 + n], t1[l0:l0 + n], t2[l0:l0 + n]
             xr = x[i:i + n]
-            g = _grad(dy[i:i + n], xr, z[i:i + n], buf[:n], a[l0:l0 + n], mm, b[l0:l0 + n],
-                      has_z, code, k)
+            g = _grad(dy[i:i + n], xr, z[i:i + n], buf, a[l0:l0 + n], mm, b[l0:l0 + n], has_z,
+                      code, k)
             for j in range(n):
                 s1[j] += g[j]
                 s2[j] += g[j] * (xr[j] - mm[j])
@@ -521,7 +487,7 @@ def _nchw_backward_kernel(dy, x, z, dx, dz, n, c, s, mean, invstd, weight, bias,
                     if _rectified(code, has_z):
                         for j in range(j1 - j0):
                             g = _rectifier_grad(dr[j], coef[0] * (xr[j] - coef[2]) + coef[1], k,
-                                                code == LEAKY_RELU)
+                                                code)
                             sg += g
                             sgx += g * (np.float64(xr[j]) - mu)
                         continue
@@ -616,7 +582,7 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
     qq = np.empty(wmax, x.dtype)
     acc1 = np.empty(wmax)
     acc2 = np.empty(wmax)
-    buf = np.empty(4 * _CHUNK, x.dtype)  # four rows' g (`_grad_moments`)
+    buf = np.empty(_CHUNK, x.dtype)
     for c0 in range(lo, hi, group):
         c1 = min(c0 + group, hi)
         l0, w = c0 * s, (c1 - c0) * s
@@ -643,7 +609,7 @@ def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight,
                     np.float64(count[ch]) if has_count else np.float64(p_rows * s), training)
                 _spread(pp, pc, (ch - c0) * s, s)
                 _spread(qq, qc, (ch - c0) * s, s)
-            piece = w if code == IDENTITY else _CHUNK  # g in L1, as `_grad_moments`
+            piece = w if code == IDENTITY or _rectified(code, has_z) else _CHUNK  # buf in L1
             for p in range(p_rows):
                 for j0 in range(0, w, piece):
                     n = min(w - j0, piece)
@@ -748,7 +714,7 @@ def _rows_grad_sums_kernel(dy, x, z, c, mean, invstd, weight, bias, has_w, has_b
     mu = _tile(mean, rows, x)
     tg = np.zeros(rows * c)
     tgx = np.zeros(rows * c)
-    buf = np.empty(4 * _CHUNK, x.dtype)  # four tiles' g (`_grad_moments`)
+    buf = np.empty(_CHUNK, x.dtype)
     for start, stride, count, w in _tiled_walk(lo, hi, rows, c):
         _grad_moments(dy, x, z, buf, start, stride, count, w, a, b, mu, has_z, code, k, tg, tgx)
     _fold(tg, c, sg)
