@@ -451,9 +451,9 @@ def test_read_only_package_caches_in_a_user_directory():
                     False if mode == os.W_OK and os.path.abspath(path).startswith({install!r})
                     else real_access(path, mode, **kw))
             import torch, numba
-            from batchnorm.kernels import cpu
+            from batchnorm.kernels import cpu, cpu_loops
             cpu.stats(torch.randn(3, 4))
-            print(numba.config.CACHE_DIR, sum(cpu._compiled["rows_stats"].stats.cache_hits.values()))
+            print(numba.config.CACHE_DIR, sum(cpu_loops._compiled["rows_stats"].stats.cache_hits.values()))
         """)
         env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
         env.update(PYTHONPATH=install, HOME=home, XDG_CACHE_HOME=os.path.join(home, ".cache"))
@@ -479,7 +479,7 @@ def test_first_step_compiles_the_backward_in_a_second_process():
     script = textwrap.dedent("""
         import torch, batchnorm
         from batchnorm import functional as F
-        from batchnorm.kernels import cpu
+        from batchnorm.kernels import cpu, cpu_loops
         F._SMALL_NUMEL = 0
         torch.manual_seed(0)
         x = torch.randn(6, 8, 7, 7, requires_grad=True)
@@ -490,7 +490,7 @@ def test_first_step_compiles_the_backward_in_a_second_process():
         assert torch.allclose(grad, x.grad, atol=1e-5), (grad - x.grad).abs().max()
         child = cpu._compilers[("lanes", torch.float32)]
         print(None if child is None else child.returncode,
-              sum(cpu._compiled["lanes_backward"].stats.cache_hits.values()))
+              sum(cpu_loops._compiled["lanes_backward"].stats.cache_hits.values()))
     """)
     cache = tempfile.mkdtemp(prefix="batchnorm-numba-")
     try:

@@ -27,8 +27,8 @@ import torch
 from numba import njit
 from torch import Tensor
 
-# Imported for its side effect too: it points Numba's cache at a writable directory.
-from batchnorm.kernels import cpu  # noqa: F401
+# Imported for its side effect: it points Numba's cache at a writable directory.
+from batchnorm.kernels import cpu_loops  # noqa: F401
 
 # Half the tolerance (fp32 1e-5, fp64 1e-10) over the measured drift per unit of
 # (|mean|/std) * sqrt(M): 2.2e-8 in fp32, scaled by the unit roundoff for fp64.
