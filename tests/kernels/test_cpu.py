@@ -25,7 +25,7 @@ import torch
 
 from batchnorm import functional as F
 from batchnorm import kernels, reference
-from batchnorm.kernels import cpu, native
+from batchnorm.kernels import cpu, cpu_memory, native
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 ACTS = kernels.ACTIVATIONS
@@ -283,10 +283,10 @@ def test_the_cases_cover_every_path():
     assert plans == {(kind, threads) for kind in ("nchw", "lanes", "rows") for threads in (1, 2)}
 
 
-@pytest.mark.skipif(cpu._MADVISE is None, reason="no transparent huge pages on this system")
+@pytest.mark.skipif(cpu_memory._MADVISE is None, reason="no transparent huge pages on this system")
 def test_large_outputs_are_allowed_huge_pages():
     x = torch.randn(4, 64, 64, 64).contiguous(memory_format=torch.channels_last)  # 4 MB
-    y = cpu._empty_like(x)
+    y = cpu_memory.empty_like(x)
     assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
     start = y.data_ptr()
     with open("/proc/self/smaps") as smaps:
@@ -299,6 +299,61 @@ def test_large_outputs_are_allowed_huge_pages():
         elif line.startswith("VmFlags:") and current:
             flags.append(line.split()[1:])
     assert any("hg" in f for f in flags), flags  # "hg": madvise(MADV_HUGEPAGE) took
+
+
+def test_large_outputs_reuse_the_memory_of_freed_ones(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "_free", type(cpu_memory._free)(list))
+    monkeypatch.setattr(cpu_memory, "_free_bytes", 0)
+    x = torch.randn(4, 64, 64, 64).contiguous(memory_format=torch.channels_last)  # 4 MB
+    y = cpu_memory.empty_like(x)
+    assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
+    first, view = y.data_ptr(), y[1:]
+    del y
+    other = cpu_memory.empty_like(x)
+    assert other.data_ptr() != first  # a view still holds the block
+    del view
+    assert cpu_memory._free_bytes == 4 << 20
+    again = cpu_memory.empty_like(x)
+    assert again.data_ptr() == first and cpu_memory._free_bytes == 0
+    del other, again
+    assert cpu_memory._free_bytes == 8 << 20
+    cpu_memory.empty_cache()
+    assert cpu_memory._free_bytes == 0 and not any(cpu_memory._free.values())
+    monkeypatch.setattr(cpu_memory, "max_free_bytes", 6 << 20)
+    blocks = [cpu_memory.empty_like(x) for _ in range(2)]
+    del blocks
+    assert cpu_memory._free_bytes == 4 << 20  # the second freed block went back to the OS
+    small = torch.randn(100, 100)
+    assert cpu_memory.empty_like(small).shape == small.shape and cpu_memory._free_bytes == 4 << 20
+
+
+def test_training_steps_on_reused_memory_match_torch_nn(monkeypatch):
+    # 4 MB outputs (y, dx) come from the pool; the second step gets the first step's blocks back.
+    import batchnorm
+    monkeypatch.setattr(cpu_memory, "_free", type(cpu_memory._free)(list))
+    monkeypatch.setattr(cpu_memory, "_free_bytes", 0)
+    ours, ref = batchnorm.BatchNorm2d(64), torch.nn.BatchNorm2d(64)
+    for seed in (0, 1):
+        x, *_, dy = make((16, 64, 32, 32), torch.contiguous_format, torch.float32, seed)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [ours(xs[0]), ref(xs[1])]
+        for y in ys:
+            y.backward(dy)
+        assert_scaled(ys[0], ys[1].detach().double(), 1e-5, f"y, step {seed}")
+        assert_scaled(xs[0].grad, xs[1].grad.double(), 1e-5, f"dx, step {seed}")
+        del xs, ys
+        assert cpu_memory._free_bytes == 8 << 20  # y and dx back in the pool
+
+
+def test_the_loops_import_without_torch():
+    # The compiling child (`cpu._CHILD`) imports cpu_loops alone, so that it starts fast.
+    code = cpu._CHILD.split("from batchnorm.kernels import")[0].format(
+        packages={"batchnorm": os.path.dirname(os.path.dirname(cpu.__file__)),
+                  "batchnorm.kernels": os.path.dirname(cpu.__file__)}, marker="")
+    code += "from batchnorm.kernels import cpu_loops\nprint('torch' in sys.modules)\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False"]
 
 
 def test_slow_epilogues_run_as_torch_ops_after_the_kernel(monkeypatch):

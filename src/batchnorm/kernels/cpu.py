@@ -44,7 +44,7 @@ from torch import Tensor
 
 import numba
 
-from batchnorm.kernels import cpu_loops
+from batchnorm.kernels import cpu_loops, cpu_memory
 from batchnorm.kernels.cpu_loops import ACT_CODES, kernel as _kernel
 
 
@@ -127,48 +127,12 @@ def _flat(t: Tensor) -> np.ndarray:
     return t.detach().numpy().ravel(order="K")
 
 
-def _huge_pages_madvise():
-    """libc's madvise when the kernel backs madvised memory with transparent huge pages (Linux
-    with THP "always" or "madvise"), else None."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            if "[never]" in f.read():
-                return None
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
-_MADVISE = _huge_pages_madvise()
-_MADV_HUGEPAGE = 14
-_HUGE_PAGE = 1 << 21
-
-
-def _empty_like(x: Tensor) -> Tensor:
-    """torch.empty_like(x), backed by huge pages where the kernel can: a fresh large output is
-    first touched by the kernel, and with 4 KB pages that costs a page fault per 4 KB (measured
-    here: 23 ms to fill a fresh 32 MB tensor, 7 ms with huge pages, 4 ms for memory already
-    mapped). torch does the same for all its allocations under THP_MEM_ALLOC_ENABLE=1; we do it
-    for our own outputs only. Memory already mapped (reused by malloc) is unaffected."""
-    out = torch.empty_like(x)
-    nbytes = out.numel() * out.element_size()
-    if _MADVISE is not None and nbytes >= 2 * _HUGE_PAGE:
-        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            _MADVISE(start, end - start, _MADV_HUGEPAGE)
-    return out
-
-
 def _like(t: Tensor, x: Tensor) -> Tensor:
     """`t` with x's dtype and strides, so one flat index addresses the same element in both
     (a gradient or residual may arrive in another memory format, or expanded)."""
     if t.dtype == x.dtype and t.stride() == x.stride():
         return t
-    return _empty_like(x).copy_(t)
+    return cpu_memory.empty_like(x).copy_(t)
 
 
 def _vector(t: Tensor, acc: torch.dtype) -> np.ndarray:
@@ -515,7 +479,7 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tens
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Statistics and normalization in one pass per channel block. Returns (y, count, mean, m2,
     invstd)."""
-    y = _empty_like(x)
+    y = cpu_memory.empty_like(x)
     return (y,) + _batch_stats(x, z, y, weight, bias, eps, act, act_param).unbind(0)
 
 
@@ -524,7 +488,7 @@ def forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias
     """y = act(weight * (x - mean) * invstd + bias (+ z)) with the given statistics."""
     acc = _ACC[x.dtype]
     kind, p, c, s, group = _plan(x)
-    y = _empty_like(x)
+    y = cpu_memory.empty_like(x)
     mean_np, xf = _vector(mean, acc), _flat(x)
     args = (xf, xf if z is None else _flat(_like(z, x)), _flat(y))
     params = (mean_np, _vector(invstd, acc), _optional(weight, acc, mean_np),
@@ -567,9 +531,9 @@ def _backward(dy, x, mean, invstd, weight, bias, z, act, act_param, training, co
         # Two allocations, not one split in two: custom-op outputs may not alias each other.
         sum_dy, sum_dy_xhat = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
     sums = (_vector(sum_dy, acc), _vector(sum_dy_xhat, acc))
-    dx = _empty_like(x) if input_grad else None
+    dx = cpu_memory.empty_like(x) if input_grad else None
     write_dz = z is not None and act != "identity"
-    dz = _empty_like(x) if write_dz else None
+    dz = cpu_memory.empty_like(x) if write_dz else None
     mean_np, xf = _vector(mean, acc), _flat(x)
     tensors = (_flat(dy), xf, xf if z is None else _flat(_like(z, x)))
     outputs = (xf if dx is None else _flat(dx), _flat(dz) if write_dz else xf)
