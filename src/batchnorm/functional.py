@@ -273,9 +273,10 @@ def _normalize(x, weight, bias, residual, mean, invstd, eps, activation, negativ
     """One kernel call. Eager: the autograd.Function (no custom-op dispatch). Compiled: the custom
     ops, so the graph holds opaque batchnorm::stats / batchnorm::forward nodes."""
     if not torch.compiler.is_compiling():
-        out = kernels.BatchNormFunction.apply(x, weight, bias, residual, mean, invstd, eps,
-                                              activation, negative_slope)
-        return out if mean is not None else out[:4]
+        stats = []
+        y = kernels.BatchNormFunction.apply(x, weight, bias, residual, mean, invstd, eps,
+                                            activation, negative_slope, stats)
+        return y if mean is not None else (y, *stats)
     training = mean is None
     if training:
         count, mean, m2 = kernels.stats(x.detach())
@@ -285,7 +286,6 @@ def _normalize(x, weight, bias, residual, mean, invstd, eps, activation, negativ
     return y if not training else (y, count, mean, m2)
 
 
-@torch.no_grad()
 def update_running_stats(running_mean: Tensor, running_var: Tensor,
                          num_batches_tracked: Tensor | None, count: Tensor, mean: Tensor,
                          m2: Tensor, momentum: float | None, name: str = "batch_norm",
@@ -294,7 +294,8 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
 
     The non-finite guard is a `torch.where`, so it holds without a data-dependent branch under
     torch.compile; eager mode also warns, once per `warn_key`. Eager CPU statistics take the same
-    rule as one kernel call (`kernels.update_running_stats`).
+    rule as one kernel call (`kernels.update_running_stats`), which needs no `torch.no_grad()`
+    (entering one took ~35 us with cold caches, as after a large kernel).
     """
     compiling = torch.compiler.is_compiling()
     if not compiling:
@@ -304,9 +305,16 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
             if not applied:
                 _warn_nonfinite(name, warn_key)
             return
+    with torch.no_grad():
+        _update_with_torch_ops(running_mean, running_var, num_batches_tracked, count, mean, m2,
+                               momentum, name, warn_key, compiling)
+
+
+def _update_with_torch_ops(running_mean, running_var, num_batches_tracked, count, mean, m2,
+                           momentum, name, warn_key, compiling):
     finite = torch.isfinite(mean).all() & torch.isfinite(m2).all()
     if not compiling and not finite:
-        _warn_nonfinite(name, warn_key)
+        _warn_nonfinite(name, warn_key, stacklevel=5)
         return
     if num_batches_tracked is not None:
         num_batches_tracked.add_(finite.to(num_batches_tracked.dtype) if compiling else 1)
@@ -327,7 +335,8 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     running_var.copy_(torch.where(finite, new_var, running_var))
 
 
-def _warn_nonfinite(name: str, warn_key: object | None) -> None:
+def _warn_nonfinite(name: str, warn_key: object | None, stacklevel: int = 4) -> None:
+    """Warn once per `warn_key`; `stacklevel` points at the caller of `batch_norm`."""
     if warn_key is not None:
         if warn_key in _warned_nonfinite:
             return
@@ -336,7 +345,7 @@ def _warn_nonfinite(name: str, warn_key: object | None) -> None:
         f"{name}: the batch statistics are not finite (NaN or Inf in the input), so the running "
         f"statistics were left unchanged; find the input with "
         f"torch.autograd.set_detect_anomaly(True) or a forward pre-hook checking "
-        f"torch.isfinite(input).all()", RuntimeWarning, stacklevel=4)
+        f"torch.isfinite(input).all()", RuntimeWarning, stacklevel=stacklevel)
 
 
 # ---- the family: variants composed from the same kernels and the same update rule -------------
@@ -356,7 +365,7 @@ def _normalize_with_batch_stats(x: Tensor, mean: Tensor, invstd: Tensor, weight:
     if torch.compiler.is_compiling():
         return kernels.forward(x, mean, invstd, weight, bias, None, "identity", 0.0, True)
     return kernels.BatchStatsNormFunction.apply(x, weight, bias, None, mean, invstd, 0.0,
-                                                "identity", 0.0)
+                                                "identity", 0.0, None)
 
 
 def _check_one_value(values_per_channel: int, shape: tuple[int, ...], name: str, fix: str) -> None:
