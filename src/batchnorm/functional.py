@@ -131,6 +131,18 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         RuntimeError: with `sync`, a collective failed (a rank died or timed out); the message
             names the layer.
     """
+    if (not training and activation == "identity" and residual is None
+            and running_mean is not None and running_var is not None and type(input) is Tensor
+            and type(eps) is float and eps > 0
+            and (momentum is None or type(momentum) is float and 0.0 <= momentum <= 1.0)
+            and _aten_eval(input, (weight, bias, running_mean, running_var))):
+        # Eval with nothing fused: torch's own eval kernel (a bare affine is one read and one
+        # write whoever does it, and torch's measured faster than ours and than an addcmul:
+        # benchmarks/kernels.py, eval rows), behind `_aten_eval`'s short test rather than
+        # `_check_arguments` (~75 us a call with the caches cold after a large kernel); anything
+        # it does not take goes on to the checks and their errors.
+        return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
+                                False)
     if (training and not sync and activation in kernels.ACTIVATIONS
             and (residual is None or _same_layout(residual, input))
             and _small_batch(input, running_mean, running_var, weight, bias, momentum, eps,
@@ -172,12 +184,6 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         return input.clone()
     use_batch_stats = training or running_mean is None
     if not use_batch_stats:
-        if activation == "identity" and residual is None and _aten_eval(
-                input, (weight, bias, running_mean, running_var)):
-            # A bare affine is one read and one write whoever does it, and torch's eval kernel
-            # measured faster than ours and than an addcmul (benchmarks/kernels.py, eval rows).
-            return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,
-                                    eps, False)
         invstd = torch.rsqrt(running_var + eps)
         return _normalize(input, weight, bias, residual, running_mean, invstd, eps, activation,
                           negative_slope)
@@ -239,13 +245,16 @@ def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, trac
 
 
 def _aten_eval(x, per_channel) -> bool:
-    """Whether an eval call without epilogue runs on torch's own kernel: eager, CPU fp32/fp64
-    with parameters and statistics (`per_channel`) of the input's dtype (what torch's kernel
-    requires)."""
-    if not x.is_cpu or x.dtype not in (torch.float32, torch.float64):
+    """Whether an eval call without epilogue runs on torch's own kernel: eager, a CPU fp32/fp64
+    input of at least 2 dimensions, and its (C,) parameters and statistics (`per_channel`) on
+    the CPU in its dtype (what torch's kernel requires, and what `_check_arguments` accepts)."""
+    if not x.is_cpu or x.dtype not in (torch.float32, torch.float64) or x.ndim < 2:
         return False
-    if any(t is not None and t.dtype != x.dtype for t in per_channel):
-        return False
+    channels = x.shape[1]
+    for t in per_channel:
+        if t is not None and not (isinstance(t, Tensor) and t.dtype == x.dtype and t.is_cpu
+                                  and t.ndim == 1 and t.shape[0] == channels):
+            return False
     return not torch.compiler.is_compiling()
 
 
