@@ -373,10 +373,11 @@ def _backward_signatures(kind: str, dtype: torch.dtype) -> list[tuple[str, tuple
     of a backward through a small sample of the walk, whose calls are formed but not run."""
     shape, fmt = _SAMPLES[kind]
     x = torch.ones(shape, dtype=dtype).contiguous(memory_format=fmt)
-    assert _plan(x)[0] == kind, (kind, _plan(x))
+    plan = _plan(x)
+    assert plan[0] == kind, (kind, plan)
     channels = torch.ones(shape[1], dtype=dtype)
     launches = []
-    _backward(x, x, channels, channels, channels, channels, None, "identity", 0.0, True, None,
+    _backward(plan, x, x, channels, channels, channels, channels, None, "identity", 0.0, True, None,
               None, None, True, lambda name, calls: launches.append(
                   (name, tuple(numba.typeof(arg) for arg in calls[0]))))
     return launches
@@ -515,16 +516,17 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Closed-form backward, (dx, dweight, dbias, dz): the formulas of `native.backward`, with
     g = dy*act'(pre) recomputed from x (and z), so `y` is not read."""
-    _await_backward_compile(_plan(x)[0], x.dtype)
-    return _backward(dy, x, mean, invstd, weight, bias, z, act, act_param, training, count,
+    plan = _plan(x)
+    _await_backward_compile(plan[0], x.dtype)
+    return _backward(plan, dy, x, mean, invstd, weight, bias, z, act, act_param, training, count,
                      sum_dy, sum_dy_xhat, input_grad, _run)
 
 
-def _backward(dy, x, mean, invstd, weight, bias, z, act, act_param, training, count, sum_dy,
+def _backward(plan, dy, x, mean, invstd, weight, bias, z, act, act_param, training, count, sum_dy,
               sum_dy_xhat, input_grad, launch):
-    """`backward`, whose kernels run as launch(name, calls)."""
+    """`backward` for x's `_plan`, whose kernels run as launch(name, calls)."""
     acc = _ACC[x.dtype]
-    kind, p, c, s, group = _plan(x)
+    kind, p, c, s, group = plan
     dy = _like(dy, x)
     need_sums = sum_dy is None or sum_dy_xhat is None
     if need_sums:
