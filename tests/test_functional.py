@@ -253,3 +253,30 @@ def test_small_batch_whose_variance_overflows_leaves_running_statistics_alone():
     with pytest.warns(RuntimeWarning, match=r"BatchNorm1d\(4\).*not finite"):
         bn(x)
     assert torch.equal(bn.running_var, torch.ones(4)) and bn.num_batches_tracked.item() == 0
+
+
+def test_small_batch_refused_with_cumulative_average_counts_once(monkeypatch):
+    """A batch `kernels.small` refuses has changed nothing: the regular path counts it once."""
+    taken = _spy_small_path(monkeypatch)
+    bn = batchnorm.BatchNorm1d(100, momentum=None, affine=False)
+    first = torch.randn(100, 100, dtype=torch.float64).float()
+    refused = (torch.randn(100, 100, dtype=torch.float64) * 1e-2 + 1e4).float()
+    bn(first)
+    bn(refused)
+    assert taken == [True, False] and bn.num_batches_tracked.item() == 2
+    (m1, v1), (m2, v2) = reference.batch_stats(first), reference.batch_stats(refused)
+    assert_close_scaled(bn.running_mean, (m1 + m2) / 2, 1e-6)
+    assert_close_scaled(bn.running_var, (v1 + v2) / 2 * 100 / 99, 1e-6)
+
+
+def test_small_batch_running_variance_below_eps_is_within_its_stated_bound(monkeypatch):
+    """The running variance comes from aten's fp32 invstd: within 2^-23 * (var + eps) of exact,
+    even when var << eps (kernels/small.py)."""
+    taken = _spy_small_path(monkeypatch)
+    x = (torch.randn(64, 8, dtype=torch.float64) * 1e-4).float()
+    bn = batchnorm.BatchNorm1d(8, momentum=1.0, affine=False)
+    bn(x)
+    assert taken == [True]
+    _, var = reference.batch_stats(x)
+    bound = 2.0**-23 * (var + 1e-5) * 64 / 63 + 2.0**-24 * var
+    assert ((bn.running_var.double() - var * 64 / 63).abs() <= bound).all()

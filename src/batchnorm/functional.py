@@ -241,6 +241,11 @@ def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, trac
         if t is not None and (t.dtype is not dtype or not t.is_cpu or t.ndim != 1
                               or t.shape[0] != channels):
             return False
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
+        return False  # `kernels.small` reads them as numpy arrays
+    if tracked is not None and not (type(tracked) is Tensor and tracked.dtype is torch.int64
+                                    and tracked.numel() == 1 and tracked.is_cpu):
+        return False
     return not torch.compiler.is_compiling()
 
 
@@ -259,19 +264,11 @@ def _aten_eval(x, per_channel) -> bool:
 
 
 def _small_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, tracked):
-    """`kernels.small.train` with our update rule's factor: `momentum`, or 1/num_batches_tracked
-    counting this batch; None (nothing changed) for a batch the regular path must take."""
+    """`kernels.small.train`: None (nothing changed) for a batch the regular path must take."""
     global _small
     if _small is None:  # imports Numba: not on `import batchnorm`
         from batchnorm.kernels import small as _small
-    track = running_mean is not None
-    factor = 0.0
-    if track:
-        factor = momentum if momentum is not None else 1.0 / (float(tracked) + 1.0)
-    y = _small.train(x, weight, bias, running_mean, running_var, factor, eps)
-    if y is not None and track and tracked is not None:
-        tracked.add_(1)
-    return y
+    return _small.train(x, weight, bias, running_mean, running_var, tracked, momentum, eps)
 
 
 def _one_value_error(name: str, got: str, fix: str) -> ValueError:

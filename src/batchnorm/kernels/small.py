@@ -4,63 +4,88 @@ A small batch's training step is overhead-bound: on a (100, 100) BatchNorm1d ste
 ~150 us, most of it fixed costs. Our regular eager path pays an autograd.Function (a Python
 backward), the kernels' host code and a separate running-statistics update on top of the math, so
 below `functional._SMALL_NUMEL` values it is 2-3x slower than torch.nn. `native_batch_norm`
-does the statistics, the normalization and torch.nn's running-statistics update (which is ours:
-unbiased variance, EMA factor) in one call and records a C++ autograd node.
+computes the statistics and the normalization in one call and records a C++ autograd node; one
+Numba call (`_accept`) then checks its statistics and applies our running-statistics update.
 
-What it does not do is ours to check afterwards (`_accepted`):
+What aten does not do is ours to check (`_accept`):
 - it sums fp32 statistics without a shift, so its mean drifts as |mean|/std and M grow: the
   output error measured 2.2e-8 * (|mean|/std) * sqrt(M) on random data, M = values per channel
   (2e-3 at |mean|/std = 1000, M = 16k; its variance was 4.7% off at mean 1e4, std 1e-2 on
   (100, 100)). A batch is taken only while that estimate stays under half our fp32 tolerance of
   1e-5: |mean| * invstd * sqrt(M) <= MAX_DRIFT;
-- it has no non-finite guard: a NaN/Inf batch goes into the running statistics;
-- a finite fp32 batch with std > ~1e19 overflows the running variance (invstd < 1e-19).
-Such a batch gets its running statistics restored and `train` returns None: the caller then takes
-the regular path (our kernels, the guard and its warning).
+- it has no non-finite guard;
+- a finite fp32 batch with std > ~1e19 overflows the variance (invstd < 1e-19).
+Such a batch changes nothing and `train` returns None: the caller then takes the regular path (our
+kernels, the guard and its warning).
+
+The running statistics are not handed to aten: that would need a copy to restore them from when a
+batch is refused, and a copy, the factor of a cumulative average (float(num_batches_tracked)) and
+the count's increment each cost a torch op, ~5 us here, of a ~150 us step. `_accept` updates them
+by `cpu_loops.update_running_stats` (the rule of every other path) from aten's mean and invstd:
+the biased variance is 1/invstd^2 - eps, within 2^-23 * (var + eps) of exact in fp32 (invstd is
+rounded to fp32), which is as finely as eval's sqrt(running_var + eps) resolves it.
 """
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 from numba import njit
 from torch import Tensor
 
-# Imported for its side effect: it points Numba's cache at a writable directory.
-from batchnorm.kernels import cpu_loops  # noqa: F401
+# Imported for its side effect too: it points Numba's cache at a writable directory.
+from batchnorm.kernels import cpu_loops
 
 # Half the tolerance (fp32 1e-5, fp64 1e-10) over the measured drift per unit of
 # (|mean|/std) * sqrt(M): 2.2e-8 in fp32, scaled by the unit roundoff for fp64.
 MAX_DRIFT = {torch.float32: 0.5e-5 / 2.2e-8, torch.float64: 0.5e-10 / (2.2e-8 * 2.0**-29)}
 MIN_INVSTD = 1e-19
+_NOT_TRACKED = np.zeros(0, np.int64)
+_NO_STATS = {torch.float32: np.zeros(0, np.float32), torch.float64: np.zeros(0, np.float64)}
 
 
 @njit(cache=True, nogil=True)
-def _accepted(mean, invstd, max_ratio, min_invstd):
-    # mean, invstd: (C,) aten's batch statistics. One Numba call: the same test in numpy takes
-    # five calls (~10 us here, as long as aten's forward kernel on (100, 100)).
+def _accept(mean, invstd, count, eps, max_drift, min_invstd, running_mean, running_var, tracked,
+            momentum):
+    # mean, invstd: (C,) aten's batch statistics over `count` values per channel. Whether the
+    # batch is taken (see the module docstring); if so and running_mean, running_var are (C,)
+    # (not (0,)), they and tracked ((1,) num_batches_tracked or (0,)) get the update of
+    # `cpu_loops.update_running_stats` (momentum < 0: cumulative average).
+    max_ratio = max_drift / np.sqrt(count)
     for c in range(mean.shape[0]):
         if not (abs(mean[c]) * invstd[c] <= max_ratio and invstd[c] >= min_invstd):
             return False  # NaN fails both comparisons
-    return True
+    if running_mean.shape[0] == 0:
+        return True
+    m2 = np.empty(mean.shape[0])
+    for c in range(mean.shape[0]):
+        inv = np.float64(invstd[c])
+        m2[c] = max(0.0, 1.0 / (inv * inv) - eps) * count
+    return cpu_loops.update_running_stats(running_mean, running_var, tracked,
+                                          np.full(mean.shape[0], np.float64(count)), mean, m2,
+                                          momentum)
 
 
 def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-          running_var: Tensor | None, factor: float, eps: float) -> Tensor | None:
+          running_var: Tensor | None, num_batches_tracked: Tensor | None,
+          momentum: float | None, eps: float) -> Tensor | None:
     """y = weight * (x - E[x]) / sqrt(Var[x] + eps) + bias with the batch statistics of x,
-    differentiable, and the running statistics (if given) moved by `factor` towards the batch's;
-    None, with the running statistics untouched, for a batch this path does not take (see the
-    module docstring). x: a small dense fp32/fp64 CPU tensor; the others match it."""
-    if running_mean is not None:
-        saved = torch.cat((running_mean, running_var))
-    y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True,
-                                              factor, eps)
-    max_ratio = MAX_DRIFT[x.dtype] / math.sqrt(x.numel() // x.shape[1])
-    if _accepted(mean.numpy(), invstd.numpy(), max_ratio, MIN_INVSTD):
-        return y
-    if running_mean is not None:
-        channels = running_mean.shape[0]
-        running_mean.copy_(saved[:channels])
-        running_var.copy_(saved[channels:])
-    return None
+    differentiable, and the running statistics (if given) moved towards the batch's by
+    `momentum`, or by 1/num_batches_tracked counting this batch when it is None (the count goes
+    up by one, as on every path); None, with nothing changed, for a batch this path does not take
+    (see the module docstring). x: a small dense fp32/fp64 CPU tensor; the others match it,
+    num_batches_tracked a one-element int64 tensor or None."""
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    track = running_mean is not None
+    tracked = (num_batches_tracked.numpy().reshape(1) if track and num_batches_tracked is not None
+               else _NOT_TRACKED)
+    stats = (running_mean.numpy(), running_var.numpy()) if track else (_NO_STATS[x.dtype],) * 2
+    if not _accept(mean.numpy(), invstd.numpy(), x.numel() // x.shape[1], eps,
+                   MAX_DRIFT[x.dtype], MIN_INVSTD, *stats, tracked,
+                   -1.0 if momentum is None else momentum):
+        return None
+    if track:  # written around autograd's version counters: bump them, as an in-place op would
+        torch.autograd.graph.increment_version(
+            (running_mean, running_var) if tracked is _NOT_TRACKED
+            else (running_mean, running_var, num_batches_tracked))
+    return y
