@@ -280,3 +280,25 @@ def test_small_batch_running_variance_below_eps_is_within_its_stated_bound(monke
     _, var = reference.batch_stats(x)
     bound = 2.0**-23 * (var + 1e-5) * 64 / 63 + 2.0**-24 * var
     assert ((bn.running_var.double() - var * 64 / 63).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("shape,fmt,activation,takes_aten", [
+    ((64, 32, 16, 16), torch.channels_last, "identity", True),    # 16k rows: aten's CL kernel
+    ((64, 32, 16, 16), torch.channels_last, "relu", False),       # fused: ours
+    ((64, 32, 16, 16), torch.contiguous_format, "identity", False),
+    ((66, 32, 16, 16), torch.channels_last, "identity", False),   # past 16k values per channel
+])
+def test_channels_last_batches_take_aten_only_unfused_and_up_to_16k_rows(monkeypatch, shape, fmt,
+                                                                          activation, takes_aten):
+    taken = _spy_small_path(monkeypatch)
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    running_mean, running_var = torch.zeros(32), torch.ones(32)
+    y = F.batch_norm(x, running_mean, running_var, training=True, activation=activation)
+    assert taken == ([True] if takes_aten else [])
+    mean, var = reference.batch_stats(x.detach())
+    expected = reference.activate(reference.normalize(x.detach().double(), mean, var, None, None,
+                                                      1e-5), activation, 0.01)
+    assert_close_scaled(y, expected, 1e-5, "y")
+    m = x.numel() // 32
+    assert_close_scaled(running_var, 0.9 + 0.1 * var * m / (m - 1), 1e-6, "running_var")
+    assert y.is_contiguous(memory_format=fmt)

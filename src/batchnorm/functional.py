@@ -146,7 +146,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if (training and not sync and activation in kernels.ACTIVATIONS
             and (residual is None or _same_layout(residual, input))
             and _small_batch(input, running_mean, running_var, weight, bias, momentum, eps,
-                             num_batches_tracked)):
+                             num_batches_tracked,
+                             fused=residual is not None or activation != "identity")):
         y = _small_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
                               num_batches_tracked)
         if y is not None:
@@ -202,11 +203,16 @@ _ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
 # Training batches of at most this many values on the CPU take `kernels.small` (aten's fused
 # kernel): there the fixed cost of a call decides, and torch.nn's kernel with its C++ autograd
 # node costs less than our autograd.Function, kernel host code and separate update (issue 3).
-# So do (N, C) batches of up to _SMALL_ROWS rows: there our rows walk measured half torch's speed
-# (benchmarks/kernels.py, 512x1024); `kernels.small` checks that aten's fp32 sums stayed within
-# our tolerance.
+# So do batches our "rows" walk takes (kernels/cpu.py) with at most _SMALL_ROWS values per
+# channel, where that walk measured slower than aten: (N, C) (half torch's speed at 512x1024), and
+# channels-last batches of up to _ATEN_ROWS_NUMEL values with nothing fused (0.5-0.9x torch.nn's
+# training step from 128x64x8x8 to 64x256x14x14, which fit the 32 MB L3; from 64x512x14x14 up,
+# fewer passes over memory win: 1.15x, and 1.7x at 64x1024x14x14). `kernels.small` checks that
+# aten's fp32 sums stayed within our tolerance; with more values per channel its unshifted sums
+# cost half of it even at mean 0 (5e-6 of the output at 8x32x112x112, against 1e-6 at 16k).
 _SMALL_NUMEL = 1 << 16
 _SMALL_ROWS = 1 << 14
+_ATEN_ROWS_NUMEL = 1 << 22
 _SMALL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _small = None
 
@@ -215,8 +221,10 @@ def _same_layout(t, x) -> bool:
     return type(t) is Tensor and t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
 
 
-def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, tracked) -> bool:
-    """Whether a training call can take `kernels.small`: a small dense fp32/fp64 CPU batch with
+def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, tracked,
+                 fused) -> bool:
+    """Whether a training call can take `kernels.small`: a small dense fp32/fp64 CPU batch, or
+    one of the rows batches above (channels-last ones only when nothing is `fused`), with
     well-formed arguments of its dtype (anything else, errors included, is the regular path's)."""
     if type(x) is not Tensor or not x.is_cpu or x.ndim < 2:
         return False
@@ -227,10 +235,13 @@ def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, trac
     numel = x.numel()
     if not channels < numel:  # M > 1
         return False
-    if numel > _SMALL_NUMEL and not (x.ndim == 2 and x.shape[0] <= _SMALL_ROWS):
-        return False
-    if not (x.is_contiguous() or x.ndim in _SMALL_FORMATS
+    contiguous = x.is_contiguous()
+    if not (contiguous or x.ndim in _SMALL_FORMATS
             and x.is_contiguous(memory_format=_SMALL_FORMATS[x.ndim])):
+        return False
+    if numel > _SMALL_NUMEL and not (
+            numel // channels <= _SMALL_ROWS
+            and (x.ndim == 2 or not (contiguous or fused) and numel <= _ATEN_ROWS_NUMEL)):
         return False
     if (running_mean is None) != (running_var is None) or not (type(eps) is float and eps > 0):
         return False
