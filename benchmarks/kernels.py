@@ -30,6 +30,9 @@ from batchnorm import functional as BF
 SHAPES = [(32, 64, 56, 56), (64, 256, 14, 14), (256, 128, 8, 8), (8, 32, 112, 112),
           (32, 2048, 7, 7), (512, 1024), (16, 64, 32, 32, 8)]
 SMALL = [(100, 100), (32, 16, 8, 8)]
+# A small case's call takes ~0.2 ms, where a scheduler hiccup of the same size moves a median of
+# 15: those cases take this many times the runs (a second at most).
+SMALL_RUNS_FACTOR = 20
 MODES = {"train fwd": 2, "train fwd+bwd": 5, "eval fwd": 2, "BN+ReLU fwd+bwd": 5,
          "BN+SiLU fwd+bwd": 5}
 # The epilogue modes: our fused (or, per `kernels.fused_activations`, unfused) activation against
@@ -130,7 +133,8 @@ def main(argv=None):
              for name, fmt in layouts(s).items() for mode in MODES]
     cases += [(s, name, fmt, "train fwd+bwd") for s in SMALL for name, fmt in list(layouts(s).items())[:1]]
     print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}, numba {info['numba']}, "
-          f"{args.threads} threads, medians of {args.runs} runs; ratio = torch / ours (> 1: ours "
+          f"{args.threads} threads, medians of {args.runs} runs ({args.runs * SMALL_RUNS_FACTOR} for "
+          f"the small cases); ratio = torch / ours (> 1: ours "
           f"faster); floor = minimal passes at this run's copy bandwidth; min ratio = ratio of the "
           f"fastest runs (less sensitive to other processes on the cores); load average "
           f"{info['loadavg_start'][0]:.1f}")
@@ -141,9 +145,9 @@ def main(argv=None):
     rows = []
     for shape, lname, fmt, mode in cases:
         x, run_ours, run_torch, grad = setup(shape, fmt, mode)
+        runs = args.runs * (SMALL_RUNS_FACTOR if shape in SMALL else 1)
         with grad:
-            (t_ours, t_torch), (min_ours, min_torch) = median_times([run_ours, run_torch],
-                                                                     args.runs)
+            (t_ours, t_torch), (min_ours, min_torch) = median_times([run_ours, run_torch], runs)
         floor = copy_time(x, args.runs) * MODES[mode] / 2
         label = f"{mode} {'x'.join(map(str, shape))} {lname}"
         row = {"case": label, "mode": mode, "shape": list(shape), "layout": lname,
