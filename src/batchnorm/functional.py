@@ -10,9 +10,10 @@ This module is the only place the update rules live (DESIGN.md, "The rules that 
   shows the NaN) and warns once per layer; under torch.compile the guard is branch-free;
 - an empty batch (N=0) returns an empty output and changes nothing;
 - training on M=1 values per channel raises ValueError;
-- small CPU training batches run on aten's fused kernel, torch.nn's own, which applies the same
-  update (`kernels.small`); batches it cannot take as accurately as our kernels, and non-finite
-  ones, go the regular way;
+- small CPU training batches, and the (N, C) and channels-last ones where aten measured faster
+  than our kernels (`_small_batch`), run on aten's fused kernel, torch.nn's own, followed by the
+  same update (`kernels.small`); batches it cannot take as accurately as our kernels, and
+  non-finite ones, go the regular way;
 - `sync=True` (SyncBatchNorm): in training, the statistics are those of the global batch over the
   ranks of a `torch.distributed` process group (see `_sync_batch_stats`); the rules above then
   apply to the global batch: the global M decides the M=1 error, a globally empty batch changes
