@@ -302,3 +302,22 @@ def test_channels_last_batches_take_aten_only_unfused_and_up_to_16k_rows(monkeyp
     m = x.numel() // 32
     assert_close_scaled(running_var, 0.9 + 0.1 * var * m / (m - 1), 1e-6, "running_var")
     assert y.is_contiguous(memory_format=fmt)
+
+
+def test_small_batch_with_strided_running_statistics_takes_the_regular_path(monkeypatch):
+    """`kernels.small` writes the running statistics' memory as contiguous: a strided view of
+    them (or an int32 count) must go the regular way, and still get torch.nn's update."""
+    taken = _spy_small_path(monkeypatch)
+    x = torch.randn(16, 4)
+    storage = torch.zeros(8), torch.ones(8)
+    running_mean, running_var = storage[0][::2], storage[1][::2]
+    F.batch_norm(x, running_mean, running_var, training=True, momentum=0.5)
+    F.batch_norm(x, torch.zeros(4), torch.ones(4), training=True, momentum=None,
+                 num_batches_tracked=torch.tensor(0, dtype=torch.int32))
+    assert taken == []
+    ref = torch.nn.BatchNorm1d(4, momentum=0.5, affine=False)
+    ref(x)
+    assert_close_scaled(running_mean, ref.running_mean, 1e-6, "running_mean")
+    assert_close_scaled(running_var, ref.running_var, 1e-6, "running_var")
+    assert torch.equal(storage[0][1::2], torch.zeros(4)) and torch.equal(storage[1][1::2],
+                                                                         torch.ones(4))

@@ -253,8 +253,10 @@ def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, trac
         if t is not None and (t.dtype is not dtype or not t.is_cpu or t.ndim != 1
                               or t.shape[0] != channels):
             return False
-    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
-        return False  # `kernels.small` reads them as numpy arrays
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad
+                                     or not running_mean.is_contiguous()
+                                     or not running_var.is_contiguous()):
+        return False  # `kernels.small` writes their memory
     if tracked is not None and not (type(tracked) is Tensor and tracked.dtype is torch.int64
                                     and tracked.numel() == 1 and tracked.is_cpu):
         return False
