@@ -321,3 +321,16 @@ def test_small_batch_with_strided_running_statistics_takes_the_regular_path(monk
     assert_close_scaled(running_var, ref.running_var, 1e-6, "running_var")
     assert torch.equal(storage[0][1::2], torch.zeros(4)) and torch.equal(storage[1][1::2],
                                                                          torch.ones(4))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_small_batch_in_float64_updates_like_torch_nn(monkeypatch, momentum):
+    taken = _spy_small_path(monkeypatch)
+    ours = batchnorm.BatchNorm2d(6, momentum=momentum, dtype=torch.float64)
+    ref = torch.nn.BatchNorm2d(6, momentum=momentum, dtype=torch.float64)
+    for step in range(3):
+        x = torch.randn(5, 6, 4, 4, dtype=torch.float64) * (step + 1) + step
+        assert_close_scaled(ours(x), ref(x), 1e-10, "y")
+    assert taken == [True] * 3
+    for key, value in ref.state_dict().items():
+        assert_close_scaled(ours.state_dict()[key], value, 1e-10, key)
