@@ -30,41 +30,27 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import carray, njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 from torch import Tensor
 
-# Imported for its side effect too: it points Numba's cache at a writable directory.
-from batchnorm.kernels import cpu_loops
+from batchnorm.kernels import cpu, cpu_loops
 
 # Half the tolerance (fp32 1e-5, fp64 1e-10) over the measured drift per unit of
 # (|mean|/std) * sqrt(M): 2.2e-8 in fp32, scaled by the unit roundoff for fp64.
 MAX_DRIFT = {torch.float32: 0.5e-5 / 2.2e-8, torch.float64: 0.5e-10 / (2.2e-8 * 2.0**-29)}
 MIN_INVSTD = 1e-19
-# An empty array of each dtype: `_accept` reads the tensors' memory in its dtype.
-_DTYPE = {torch.float32: np.zeros(0, np.float32), torch.float64: np.zeros(0, np.float64)}
-
-
-@intrinsic
-def _pointer(typingctx, address):
-    """An int address as a void pointer, for numba.carray."""
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-    return types.voidptr(address), codegen
 
 
 @njit(cache=True, nogil=True)
 def _accept(mean_at, invstd_at, running_mean_at, running_var_at, tracked_at, channels, count,
-            eps, max_drift, min_invstd, momentum, dtype):
-    # The tensors come as the addresses of their (contiguous) memory: Tensor.numpy() costs ~1.5 us
-    # here, and five of them were 5% of a (100, 100) step. mean, invstd: (C,) aten's batch
-    # statistics over `count` values per channel, in `dtype`'s dtype. Whether the batch is taken
-    # (see the module docstring); if so and running_mean_at is not 0, the running statistics
-    # ((C,), same dtype) and num_batches_tracked (int64, if tracked_at is not 0) get the update of
+            eps, max_drift, min_invstd, momentum, like):
+    # The (C,) tensors come by address (`cpu_loops.vector_at`), in like's dtype. mean, invstd:
+    # aten's batch statistics over `count` values per channel. Whether the batch is taken (see
+    # the module docstring); if so and running_mean_at is not 0, the running statistics and
+    # num_batches_tracked (int64, if tracked_at is not 0) get the update of
     # `cpu_loops.update_running_stats` (momentum < 0: cumulative average).
-    mean = carray(_pointer(mean_at), (channels,), dtype.dtype)
-    invstd = carray(_pointer(invstd_at), (channels,), dtype.dtype)
+    mean = cpu_loops.vector_at(mean_at, channels, like)
+    invstd = cpu_loops.vector_at(invstd_at, channels, like)
     max_ratio = max_drift / np.sqrt(count)
     for c in range(channels):
         if not (abs(mean[c]) * invstd[c] <= max_ratio and invstd[c] >= min_invstd):
@@ -75,11 +61,10 @@ def _accept(mean_at, invstd_at, running_mean_at, running_var_at, tracked_at, cha
     for c in range(channels):
         inv = np.float64(invstd[c])
         m2[c] = max(0.0, 1.0 / (inv * inv) - eps) * count
-    tracked = (carray(_pointer(tracked_at), (1,), np.int64) if tracked_at != 0
-               else np.zeros(0, np.int64))
     return cpu_loops.update_running_stats(
-        carray(_pointer(running_mean_at), (channels,), dtype.dtype),
-        carray(_pointer(running_var_at), (channels,), dtype.dtype), tracked,
+        cpu_loops.vector_at(running_mean_at, channels, like),
+        cpu_loops.vector_at(running_var_at, channels, like),
+        cpu_loops.counter_at(tracked_at),
         np.full(channels, np.float64(count)), mean, m2, momentum)
 
 
@@ -100,7 +85,7 @@ def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
                    running_mean.data_ptr() if track else 0, running_var.data_ptr() if track else 0,
                    num_batches_tracked.data_ptr() if tracked else 0, channels,
                    x.numel() // channels, eps, MAX_DRIFT[x.dtype], MIN_INVSTD,
-                   -1.0 if momentum is None else momentum, _DTYPE[x.dtype]):
+                   -1.0 if momentum is None else momentum, cpu.EMPTY_OF[x.dtype]):
         return None
     if track:  # written around autograd's version counters: bump them, as an in-place op would
         torch.autograd.graph.increment_version(
