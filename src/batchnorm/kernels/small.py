@@ -78,6 +78,8 @@ def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
     (see the module docstring). x: a small dense fp32/fp64 CPU tensor; the others match it (the
     running statistics contiguous), num_batches_tracked a one-element int64 tensor or None."""
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    if mean.dtype is not x.dtype:  # `_accept` reads their memory in x's dtype
+        return None
     channels = x.shape[1]
     track = running_mean is not None
     tracked = track and num_batches_tracked is not None
