@@ -766,17 +766,18 @@ def _pointer(typingctx, address):
 @njit(**_INLINE)
 def vector_at(address, length, like):
     """The `length` values of like's dtype at `address` (a contiguous tensor's data_ptr()), as an
-    array; (0,) when address is 0."""
-    if address == 0:
-        return np.zeros(0, like.dtype)
-    return carray(_pointer(address), (length,), like.dtype)
+    array; (0,) when address is 0. (No np.zeros for the empty case: it costs its own compile.)"""
+    return carray(_pointer(address), (0 if address == 0 else length,), like.dtype)
+
+
+_INT64 = np.zeros(0, np.int64)
 
 
 @njit(**_INLINE)
 def counter_at(address):
     """The int64 at `address` (num_batches_tracked's data_ptr()) as a (1,) array; (0,) when
     address is 0."""
-    return vector_at(address, 1, np.zeros(0, np.int64))
+    return vector_at(address, 1, _INT64)
 
 
 @njit(cache=True, nogil=True)

@@ -57,15 +57,16 @@ def _accept(mean_at, invstd_at, running_mean_at, running_var_at, tracked_at, cha
             return False  # NaN fails both comparisons
     if running_mean_at == 0:
         return True
-    m2 = np.empty(channels)
+    # In like's dtype, as the statistics of the other paths: the same specialization of the rule.
+    counts, m2 = np.empty(channels, like.dtype), np.empty(channels, like.dtype)
     for c in range(channels):
         inv = np.float64(invstd[c])
+        counts[c] = count
         m2[c] = max(0.0, 1.0 / (inv * inv) - eps) * count
     return cpu_loops.update_running_stats(
         cpu_loops.vector_at(running_mean_at, channels, like),
-        cpu_loops.vector_at(running_var_at, channels, like),
-        cpu_loops.counter_at(tracked_at),
-        np.full(channels, np.float64(count)), mean, m2, momentum)
+        cpu_loops.vector_at(running_var_at, channels, like), cpu_loops.counter_at(tracked_at),
+        counts, mean, m2, momentum)
 
 
 def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
