@@ -146,6 +146,17 @@ def _at_impl(coefficient, j):
     return lambda coefficient, j: coefficient
 
 
+def _part(coefficient, start, length):
+    """coefficient[start:start + length] of a per-element coefficient array; a scalar itself."""
+
+
+@overload(_part)
+def _part_impl(coefficient, start, length):
+    if isinstance(coefficient, types.Array):
+        return lambda coefficient, start, length: coefficient[start:start + length]
+    return lambda coefficient, start, length: coefficient
+
+
 @njit(**_INLINE)
 def _affine(x, z, out, a, m, b, has_z):
     """out = a*(x - m) + b (+ z) over a slice; a, m, b scalars or arrays aligned with it.
@@ -205,7 +216,8 @@ def _normalize(x, z, y, a, m, b, has_z, code, k):
 
 @njit(**_INLINE)
 def _normalize_rows(x, z, y, start, stride, rows, w, a, m, b, has_z, code, k):
-    """`_normalize` over `rows` rows of w lanes at start + r*stride, with a, m, b (w,) arrays:
+    """`_normalize` over `rows` rows of w lanes at start + r*stride, with a, m, b (w,) arrays or
+    scalars:
     four rows per loop, chunk by chunk (the chunks stay in L1 for the activation). Four streams
     in flight at once read and write memory at ~1.4x the speed of one row after another
     (measured: a lanes normalize over 64x256x14x14 from memory, 0.77 against 1.10 ms). The last
@@ -222,12 +234,12 @@ def _normalize_rows(x, z, y, start, stride, rows, w, a, m, b, has_z, code, k):
             o3 = min(o0 + 3 * stride, last + j0)
             x0, x1, x2, x3 = x[o0:o0 + n], x[o1:o1 + n], x[o2:o2 + n], x[o3:o3 + n]
             y0, y1, y2, y3 = y[o0:o0 + n], y[o1:o1 + n], y[o2:o2 + n], y[o3:o3 + n]
-            aa, mm, bb = a[j0:j0 + n], m[j0:j0 + n], b[j0:j0 + n]
+            aa, mm, bb = _part(a, j0, n), _part(m, j0, n), _part(b, j0, n)
             for j in range(n):
-                y0[j] = aa[j] * (x0[j] - mm[j]) + bb[j]
-                y1[j] = aa[j] * (x1[j] - mm[j]) + bb[j]
-                y2[j] = aa[j] * (x2[j] - mm[j]) + bb[j]
-                y3[j] = aa[j] * (x3[j] - mm[j]) + bb[j]
+                y0[j] = _at(aa, j) * (x0[j] - _at(mm, j)) + _at(bb, j)
+                y1[j] = _at(aa, j) * (x1[j] - _at(mm, j)) + _at(bb, j)
+                y2[j] = _at(aa, j) * (x2[j] - _at(mm, j)) + _at(bb, j)
+                y3[j] = _at(aa, j) * (x3[j] - _at(mm, j)) + _at(bb, j)
             for i in range(distinct):
                 o = o0 + i * stride
                 if has_z:
@@ -408,11 +420,23 @@ def _grad_moments(dy, x, z, buf, start, stride, rows, w, a, b, mu, has_z, code, 
 @njit(**_INLINE)
 def _nchw_stats(x, n, c, s, ch):
     """(mean, m2) of channel ch in float64 from d = x - x[first]: mean = shift + sum(d)/M,
-    m2 = sum(d^2) - sum(d)^2/M, M = n*s."""
+    m2 = sum(d^2) - sum(d)^2/M, M = n*s. Four rows per loop: four streams in flight read memory
+    ~1.35x faster than one row after another (the rows lie C*S apart)."""
     shift = np.float64(x[ch * s])
     s1 = 0.0
     s2 = 0.0
-    for i in range(n):
+    stride = c * s
+    i = 0
+    while i + 4 <= n:
+        o0 = (i * c + ch) * s
+        o1, o2, o3 = o0 + stride, o0 + 2 * stride, o0 + 3 * stride
+        x0, x1, x2, x3 = x[o0:o0 + s], x[o1:o1 + s], x[o2:o2 + s], x[o3:o3 + s]
+        for j in range(s):
+            d0, d1, d2, d3 = x0[j] - shift, x1[j] - shift, x2[j] - shift, x3[j] - shift
+            s1 += (d0 + d1) + (d2 + d3)
+            s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        i += 4
+    for i in range(i, n):
         start = (i * c + ch) * s
         xr = x[start:start + s]
         for j in range(s):
@@ -451,11 +475,7 @@ def _nchw_train_forward_kernel(x, z, y, n, c, s, weight, bias, has_w, has_b, has
     for ch in range(lo, hi):
         _nchw_channel_stats(x, n, c, s, ch, eps, one, st)
         ab[0], ab[1] = _coefficients(st[3], weight, bias, has_w, has_b, ch)
-        for i in range(n):
-            for j0 in range((i * c + ch) * s, (i * c + ch + 1) * s, _CHUNK):
-                j1 = min(j0 + _CHUNK, (i * c + ch + 1) * s)
-                _normalize(x[j0:j1], z[j0:j1], y[j0:j1], ab[0], st[1, ch], ab[1], has_z, code,
-                           k)
+        _normalize_rows(x, z, y, ch * s, c * s, n, s, ab[0], st[1, ch], ab[1], has_z, code, k)
 
 
 def _nchw_forward_kernel(x, z, y, n, c, s, mean, invstd, weight, bias, has_w, has_b, has_z, code,
