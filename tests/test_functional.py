@@ -282,14 +282,22 @@ def test_small_batch_running_variance_below_eps_is_within_its_stated_bound(monke
     assert ((bn.running_var.double() - var * 64 / 63).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("shape,fmt,activation,takes_aten", [
-    ((64, 32, 16, 16), torch.channels_last, "identity", True),    # 16k rows: aten's CL kernel
-    ((64, 32, 16, 16), torch.channels_last, "relu", False),       # fused: ours
-    ((64, 32, 16, 16), torch.contiguous_format, "identity", False),
-    ((66, 32, 16, 16), torch.channels_last, "identity", False),   # past 16k values per channel
+_BYTES_OF_1x32x256x256 = 32 * 256 * 256 * 4
+
+
+@pytest.mark.parametrize("shape,fmt,activation,max_bytes,takes_aten", [
+    ((64, 32, 16, 16), torch.channels_last, "identity", None, True),   # aten's CL kernel
+    ((64, 32, 16, 16), torch.channels_last, "relu", None, False),      # fused: ours
+    ((64, 32, 16, 16), torch.contiguous_format, "identity", None, False),
+    ((2, 32, 256, 256), torch.channels_last, "identity", None, True),  # 2^17 values per channel
+    ((2, 32, 257, 256), torch.channels_last, "identity", None, False),  # past them
+    ((1, 32, 256, 256), torch.channels_last, "identity", _BYTES_OF_1x32x256x256, True),
+    ((1, 32, 256, 257), torch.channels_last, "identity", _BYTES_OF_1x32x256x256, False),
 ])
-def test_channels_last_batches_take_aten_only_unfused_and_up_to_16k_rows(monkeypatch, shape, fmt,
-                                                                          activation, takes_aten):
+def test_channels_last_batches_take_aten_only_unfused_and_within_its_limits(
+        monkeypatch, shape, fmt, activation, max_bytes, takes_aten):
+    if max_bytes is not None:  # the real limit, 32 MB, would make a slow test
+        monkeypatch.setattr(F, "_ATEN_ROWS_BYTES", max_bytes)
     taken = _spy_small_path(monkeypatch)
     x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
     running_mean, running_var = torch.zeros(32), torch.ones(32)
@@ -300,7 +308,10 @@ def test_channels_last_batches_take_aten_only_unfused_and_up_to_16k_rows(monkeyp
                                                       1e-5), activation, 0.01)
     assert_close_scaled(y, expected, 1e-5, "y")
     m = x.numel() // 32
-    assert_close_scaled(running_var, 0.9 + 0.1 * var * m / (m - 1), 1e-6, "running_var")
+    # aten's fp32 variance at 2^17 values per channel is ~1.3e-5 off (relative), which moves an
+    # eval output by half that: within the 1e-5 the outputs are held to, so the batch variance
+    # is held to 2e-5 (x momentum 0.1 here).
+    assert_close_scaled(running_var, 0.9 + 0.1 * var * m / (m - 1), 2e-6, "running_var")
     assert y.is_contiguous(memory_format=fmt)
 
 
