@@ -206,17 +206,18 @@ _ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
 # node costs less than our autograd.Function, kernel host code and separate update (issue 3).
 # So do batches our "rows" walk takes (kernels/cpu.py) where that walk measured slower than aten:
 # (N, C) with at most _SMALL_ROWS values per channel (half torch's speed at 512x1024), and
-# channels-last batches with nothing fused, up to _ATEN_ROWS_VALUES values per channel and
-# _ATEN_ROWS_BYTES (training step against the rows walk: 8x32x112x112 3.6 against 5.4 ms,
-# 32x64x56x56 8.9 against 11.8 ms; past 32 MB, glibc's largest reused block, aten's outputs
-# fault in afresh every step and the rows walk, on pooled outputs, won: 16x64x32x32x8 (33.5 MB)
-# 16.5 against 31 ms, 64x1024x14x14 23 against 54 ms). `kernels.small` checks that aten's
-# unshifted fp32 sums stay within our tolerance for the batch's mean; their error at mean 0
-# grows with the values per channel: 4.0e-6 of the output at 100k, 4.9e-6 at 131k (the cap),
-# 1.1e-5 at 262k, against our 1e-5.
+# channels-last batches with nothing fused, up to _ATEN_ROWS_VALUES_PER_THREAD values per channel
+# and thread (two at most) and _ATEN_ROWS_BYTES (training step against the rows walk, 2 threads:
+# 8x32x112x112 3.6 against 5.4 ms, 32x64x56x56 8.9 against 11.8 ms; past 32 MB, glibc's largest
+# reused block, aten's outputs fault in afresh every step and the rows walk, on pooled outputs,
+# won: 16x64x32x32x8 (33.5 MB) 16.5 against 31 ms, 64x1024x14x14 23 against 54 ms).
+# `kernels.small` checks that aten's unshifted fp32 sums stay within our tolerance for the
+# batch's mean; at mean 0 their error grows with the values each thread sums: 5.0-5.6e-6 of the
+# output at 50k values on 1 thread, 4.0e-6 at 100k on 2, and 9.3e-6 at 100k on 1 (our
+# tolerance is 1e-5).
 _SMALL_NUMEL = 1 << 16
 _SMALL_ROWS = 1 << 14
-_ATEN_ROWS_VALUES = 1 << 17
+_ATEN_ROWS_VALUES_PER_THREAD = 50176
 _ATEN_ROWS_BYTES = 32 << 20
 _SMALL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _small = None
@@ -246,8 +247,8 @@ def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, trac
         return False
     if numel > _SMALL_NUMEL and not (
             x.ndim == 2 and numel // channels <= _SMALL_ROWS
-            or not (contiguous or fused) and numel // channels <= _ATEN_ROWS_VALUES
-            and numel * x.element_size() <= _ATEN_ROWS_BYTES):
+            or not (contiguous or fused) and numel * x.element_size() <= _ATEN_ROWS_BYTES
+            and numel // channels <= _ATEN_ROWS_VALUES_PER_THREAD * min(torch.get_num_threads(), 2)):
         return False
     if (running_mean is None) != (running_var is None) or not (type(eps) is float and eps > 0):
         return False
