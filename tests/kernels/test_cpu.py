@@ -48,6 +48,7 @@ SHAPES = [
     ((1, 11, 3, 2), torch.channels_last),           # rows, N=1, C prime
     ((2, 3, 2, 3, 5), torch.channels_last_3d),      # rows, channels-last 3d
     ((2, 1100, 3, 1), torch.channels_last),         # lanes, channels-last, more channels than the chunk
+    ((6, 2, 23, 25), torch.contiguous_format),      # nchw, four rows per loop and two more
 ]
 # Large enough (>= 2 * 65536 values) to be split between two threads.
 BIG = [((4, 8, 64, 65), torch.contiguous_format),   # nchw
