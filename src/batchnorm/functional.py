@@ -248,7 +248,8 @@ def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, trac
     if numel > _SMALL_NUMEL and not (
             x.ndim == 2 and numel // channels <= _SMALL_ROWS
             or not (contiguous or fused) and numel * x.element_size() <= _ATEN_ROWS_BYTES
-            and numel // channels <= _ATEN_ROWS_VALUES_PER_THREAD * min(torch.get_num_threads(), 2)):
+            and numel // channels
+            <= _ATEN_ROWS_VALUES_PER_THREAD * min(torch.get_num_threads(), 2)):
         return False
     if (running_mean is None) != (running_var is None) or not (type(eps) is float and eps > 0):
         return False
