@@ -72,7 +72,7 @@ _ACC = {torch.float32: torch.float32, torch.float64: torch.float64}
 # Below this many values per thread a second thread costs more (a pool hand-off, ~20 us) than it
 # saves.
 _MIN_NUMEL_PER_THREAD = 1 << 16
-# Layout choice (`_plan`), tuned on a 2-core EPYC (512 KB of L2 per core, 32 MB of L3): a channel
+# Layout choice (`_plan`), tuned on a 2-core EPYC (1 MB of L2 per core, 32 MB of L3): a channel
 # row of at least _SEGMENT_MIN values is walked by the "nchw" loops; shorter ones by "lanes", in
 # groups of about _LANES lanes (16 KB of fp32 per row); with S = 1 and fewer than _MIN_LANES
 # channels per thread, or at least _ROWS_MIN rows (measured: its backward is faster there), by
