@@ -20,7 +20,6 @@ torch's flat elementwise ops, with the least Python a custom autograd.Function c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -109,14 +108,7 @@ def main(argv=None):
     print()
     for key, value in summary.items():
         print(f"{key:<66} {value:.2f}")
-    info["loadavg_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    partial = f"{args.out}.{os.getpid()}.tmp"
-    with open(partial, "w") as f:
-        json.dump({"machine": info, "runs": args.runs, "rows": rows, "summary": summary}, f,
-                  indent=1)
-    os.replace(partial, args.out)
-    print(f"wrote {args.out}")
+    bench.write_results(args.out, info, args.runs, rows, summary)
 
 
 def summarize(rows):

@@ -163,15 +163,19 @@ def main(argv=None):
     print()
     for key, value in summary.items():
         print(f"{key:<58} {value:.2f}")
-    info["loadavg_end"] = os.getloadavg()
     if not args.quick:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        partial = f"{args.out}.{os.getpid()}.tmp"  # a crash mid-write keeps the old results
-        with open(partial, "w") as f:
-            json.dump({"machine": info, "runs": args.runs, "rows": rows, "summary": summary}, f,
-                      indent=1)
-        os.replace(partial, args.out)
-        print(f"wrote {args.out}")
+        write_results(args.out, info, args.runs, rows, summary)
+
+
+def write_results(path, info, runs, rows, summary):
+    """The run as JSON at `path`, atomically: a crash mid-write keeps the old results."""
+    info["loadavg_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w") as f:
+        json.dump({"machine": info, "runs": runs, "rows": rows, "summary": summary}, f, indent=1)
+    os.replace(partial, path)
+    print(f"wrote {path}")
 
 
 def summarize(rows):
