@@ -94,11 +94,11 @@ def main(argv=None):
         x, run_ours, run_torch, grad = bench.setup(shape, fmt, mode)
         dy = torch.randn(shape).contiguous(memory_format=fmt)
         with grad:
-            (t_torch, t_ours, t_flat, t_bare), _ = bench.median_times(
+            medians, _ = bench.median_times(
                 [run_torch, run_ours, flat_step(x, dy), bare_passes(x.detach(), dy)], args.runs)
         floor = bench.copy_time(x, args.runs) * bench.MODES[mode] / 2
         label = f"{mode} {'x'.join(map(str, shape))} {lname}"
-        times = {"torch": t_torch, "ours": t_ours, "flat": t_flat, "bare": t_bare, "floor": floor}
+        times = dict(zip(TIMES, medians + [floor]))
         row = {"case": label, "mode": mode, "shape": list(shape), "layout": lname}
         row.update({f"{k}_ms": t * 1e3 for k, t in times.items()})
         row.update({f"{a}_over_{b}": times[a] / times[b] for a, b in RATIOS})
