@@ -10,7 +10,7 @@ dy and x, write dx; 2 and 3 passes of the tensor) at the device-to-device copy b
 the same run. Times are medians of --repeats runs (CUDA events) after warm-up.
 
 Every row records `class` = cuda.path_key(x) (layout, dtype, fused or split path); the dispatch's
-fallback table (`cuda.load_fallback`) reads this file and keeps classes where we lose on native.
+table of wins (`cuda.load_wins`) reads this file: only classes where Triton measured faster run there.
 Needs a CUDA GPU and triton; without them it exits with a message and measures nothing.
 """
 
@@ -92,7 +92,16 @@ def setup(shape, dtype, channels_last: bool, step: str, device: str = "cuda"):
 
         def run_theirs():
             theirs(x)
-    return run_ours, run_theirs, x
+    return _on_triton(run_ours), run_theirs, x
+
+
+def _on_triton(run):
+    """`run` with the Triton kernels forced: this run measures them in every class, including
+    those the current results file sends to torch's kernel (the next table is built from it)."""
+    def forced():
+        with batchnorm.use_backend("triton"):
+            run()
+    return forced
 
 
 def cases():
@@ -116,9 +125,6 @@ def main(argv=None) -> int:
     if cuda is None:
         sys.exit("benchmarks/kernels_cuda.py needs triton (pip install triton); nothing was "
                  "measured")
-    # Measure Triton in every class, including any the current results file sends to native:
-    # this run is what the next fallback table is built from.
-    cuda.FALLBACK = frozenset()
     torch.backends.cudnn.benchmark = True
 
     largest = max(torch.Size(s).numel() for s in SHAPES) * 4

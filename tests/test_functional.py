@@ -24,20 +24,17 @@ def test_reference_forward_and_backward_match_autograd_of_torch_in_float64():
         assert_close_scaled(ours, theirs, 1e-12)
 
 
-@pytest.mark.parametrize("path", ["aten small batch", "kernel update", "torch ops update"])
+@pytest.mark.parametrize("backend", ["aten", "composite", "numba", "native"])
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
-def test_running_statistics_follow_the_reference_update_rule(monkeypatch, momentum, path):
-    if path != "aten small batch":
-        monkeypatch.setattr(F, "_SMALL_NUMEL", 0)
-    if path == "torch ops update":
-        monkeypatch.setattr(batchnorm.kernels, "update_running_stats", lambda *args: None)
+def test_running_statistics_follow_the_reference_update_rule(momentum, backend):
     running_mean, running_var = torch.zeros(4), torch.ones(4)
     tracked = torch.tensor(0)
     ref_mean, ref_var, ref_tracked = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), 0
     for step in range(4):
         x = torch.randn(6 + step, 4, 3) * (step + 1) + step
-        F.batch_norm(x, running_mean, running_var, training=True, momentum=momentum,
-                     num_batches_tracked=tracked)
+        with batchnorm.use_backend(backend):
+            F.batch_norm(x, running_mean, running_var, training=True, momentum=momentum,
+                         num_batches_tracked=tracked)
         mean, var = reference.batch_stats(x)
         ref_mean, ref_var, ref_tracked = reference.update_running_stats(
             ref_mean, ref_var, ref_tracked, mean, var, x.numel() // 4, momentum)
@@ -46,13 +43,14 @@ def test_running_statistics_follow_the_reference_update_rule(monkeypatch, moment
         assert tracked.item() == ref_tracked
 
 
-def test_running_statistics_updated_by_the_kernel_bump_their_autograd_versions(monkeypatch):
-    # The Numba update writes through numpy views; autograd must still see the in-place change
-    # (as it does torch.nn's), or a graph that saved the old values would use the new ones.
-    monkeypatch.setattr(F, "_SMALL_NUMEL", 0)
+@pytest.mark.parametrize("backend", ["aten", "numba"])
+def test_running_statistics_updates_bump_their_autograd_versions(backend):
+    # Autograd must see the in-place change (as it does torch.nn's), or a graph that saved the
+    # old values would use the new ones.
     bn = batchnorm.BatchNorm2d(3)
     versions = [t._version for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
-    bn(torch.randn(4, 3, 5, 5))
+    with batchnorm.use_backend(backend):
+        bn(torch.randn(4, 3, 5, 5))
     assert bn.num_batches_tracked.item() == 1
     for before, t in zip(versions, (bn.running_mean, bn.running_var, bn.num_batches_tracked)):
         assert t._version > before
@@ -153,101 +151,40 @@ def test_fused_residual_and_activation_gradcheck(act, training):
 
 # ---- small CPU batches: aten's fused kernel (kernels.small), checked afterwards ---------------
 
-def _spy_small_path(monkeypatch):
-    from batchnorm.kernels import small
-    taken = []
-    train = small.train
 
-    def spy(*args):
-        y = train(*args)
-        taken.append(y is not None)
-        return y
-
-    monkeypatch.setattr(small, "train", spy)
-    return taken
+BACKENDS_ON_CPU = ["aten", "composite", "numba", "native"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
 @pytest.mark.parametrize("shape", [(100, 100), (32, 16, 8, 8), (7, 3, 5), (600, 130)])
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_small_batch_takes_the_aten_path_and_matches_torch_nn(monkeypatch, shape, momentum):
-    taken = _spy_small_path(monkeypatch)
-    layer = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d}
-    ours = layer[len(shape)](shape[1], momentum=momentum)
-    ref = getattr(torch.nn, layer[len(shape)].__name__)(shape[1], momentum=momentum)
+def test_every_backend_matches_torch_nn_with_running_statistics(backend, shape):
+    ours, ref = batchnorm.BatchNorm1d(shape[1]), torch.nn.BatchNorm1d(shape[1])
+    if len(shape) == 4:
+        ours, ref = batchnorm.BatchNorm2d(shape[1]), torch.nn.BatchNorm2d(shape[1])
     for step in range(3):
-        x = (torch.randn(shape) * (step + 1) + step).requires_grad_()
-        x_ref = x.detach().clone().requires_grad_()
+        x = (torch.randn(shape) * 2 + step).requires_grad_()
+        with batchnorm.use_backend(backend):
+            y = ours(x)
+        y_ref = ref(x)
         dy = torch.randn(shape)
-        ours(x).backward(dy)
-        ref(x_ref).backward(dy)
-        assert_close_scaled(x.grad, x_ref.grad, 1e-5, "dx")
-    assert taken == [True] * 3
-    for key, value in ref.state_dict().items():
-        assert_close_scaled(ours.state_dict()[key], value, 1e-6, key)
-    assert_close_scaled(ours.weight.grad, ref.weight.grad, 1e-5, "dweight")
-    assert_close_scaled(ours.bias.grad, ref.bias.grad, 1e-5, "dbias")
+        dx, = torch.autograd.grad(y, x, dy)
+        dx_ref, = torch.autograd.grad(y_ref, x, dy)
+        assert_close_scaled(y, y_ref, 1e-5, f"{backend} y")
+        assert_close_scaled(dx, dx_ref, 1e-5, f"{backend} dx")
+        assert_close_scaled(ours.running_mean, ref.running_mean, 1e-6, f"{backend} running_mean")
+        assert_close_scaled(ours.running_var, ref.running_var, 1e-5, f"{backend} running_var")
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 3
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
-def test_small_batch_with_residual_and_activation_matches_the_reference(monkeypatch, activation):
-    taken = _spy_small_path(monkeypatch)
-    g = torch.Generator().manual_seed(3)
-    x = (torch.randn(6, 5, 4, 4, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_()
-    z = torch.randn(6, 5, 4, 4, generator=g, dtype=torch.float64).requires_grad_()
-    weight = (torch.rand(5, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
-    bias = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_()
-    dy = torch.randn(6, 5, 4, 4, generator=g, dtype=torch.float64)
-    leaves = (x, z, weight, bias)
-    y = F.batch_norm(x, None, None, weight, bias, True, residual=z, activation=activation)
-    grads = torch.autograd.grad(y, leaves, dy)
-    mean, var = reference.batch_stats(x)
-    y_ref = reference.activate(reference.normalize(x, mean, var, weight, bias, 1e-5) + z,
-                               activation, 0.01)
-    grads_ref = torch.autograd.grad(y_ref, leaves, dy)
-    assert taken == [True]
-    assert_close_scaled(y, y_ref, 1e-10, "y")
-    for got, want, name in zip(grads, grads_ref, ("dx", "dz", "dweight", "dbias")):
-        assert_close_scaled(got, want, 1e-10, name)
+def test_aten_route_is_torch_nn_to_the_bit():
+    ours, ref = batchnorm.BatchNorm1d(100), torch.nn.BatchNorm1d(100)
+    x = torch.randn(100, 100, requires_grad=True)
+    with batchnorm.use_backend("aten"):
+        y = ours(x)
+    assert torch.equal(y, ref(x)) and torch.equal(ours.running_mean, ref.running_mean)
 
 
-def test_residual_of_another_dtype_takes_the_regular_path(monkeypatch):
-    taken = _spy_small_path(monkeypatch)
-    x, z = torch.randn(6, 5, 4, 4), torch.randn(6, 5, 4, 4, dtype=torch.float64)
-    y = F.batch_norm(x, None, None, training=True, residual=z, activation="relu")
-    assert taken == [] and y.dtype == torch.float32
-    expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True) + z)
-    assert_close_scaled(y, expected, 1e-5, "y")
-
-
-@pytest.mark.parametrize("offset,takes_aten", [(0.0, True), (10.0, False)])
-def test_long_batch_takes_aten_only_within_our_tolerance(monkeypatch, offset, takes_aten):
-    """At 16k rows aten's unshifted fp32 sums drift by ~3e-5 of the output at |mean|/std = 10,
-    over our 1e-5: that batch must take our kernels, a centred one may take aten."""
-    taken = _spy_small_path(monkeypatch)
-    x = (torch.randn(16384, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-         + offset).float()
-    y = F.batch_norm(x, None, None, training=True)
-    assert taken == [takes_aten]
-    mean, var = reference.batch_stats(x)
-    assert_close_scaled(y, reference.normalize(x.double(), mean, var, None, None, 1e-5), 1e-5, "y")
-
-
-def test_small_batch_whose_mean_dwarfs_the_std_takes_our_kernels(monkeypatch):
-    taken = _spy_small_path(monkeypatch)
-    x = (torch.randn(100, 100, dtype=torch.float64) * 1e-2 + 1e4).float()
-    running_mean, running_var = torch.zeros(100), torch.zeros(100)
-    F.batch_norm(x, running_mean, running_var, training=True, momentum=1.0)
-    assert taken == [False]
-    mean, var = reference.batch_stats(x)
-    assert ((running_var.double() - var * 100 / 99).abs() / var).max() < 1e-3
-    assert_close_scaled(running_mean, mean, 1e-6)
-    # The criterion has teeth: aten's unshifted fp32 sums, which torch.nn uses, fail it.
-    ref = torch.nn.BatchNorm1d(100, momentum=1.0, affine=False)
-    ref(x)
-    assert ((ref.running_var.double() - var * 100 / 99).abs() / var).max() > 1e-2
-
-
-def test_small_batch_whose_variance_overflows_leaves_running_statistics_alone():
+def test_overflowing_variance_leaves_running_statistics_alone():
     bn = batchnorm.BatchNorm1d(4)
     x = torch.randn(8, 4) * 3e19  # finite values, variance beyond fp32
     with pytest.warns(RuntimeWarning, match=r"BatchNorm1d\(4\).*not finite"):
@@ -255,103 +192,36 @@ def test_small_batch_whose_variance_overflows_leaves_running_statistics_alone():
     assert torch.equal(bn.running_var, torch.ones(4)) and bn.num_batches_tracked.item() == 0
 
 
-def test_small_batch_refused_with_cumulative_average_counts_once(monkeypatch):
-    """A batch `kernels.small` refuses has changed nothing: the regular path counts it once."""
-    taken = _spy_small_path(monkeypatch)
-    bn = batchnorm.BatchNorm1d(100, momentum=None, affine=False)
-    first = torch.randn(100, 100, dtype=torch.float64).float()
-    refused = (torch.randn(100, 100, dtype=torch.float64) * 1e-2 + 1e4).float()
-    bn(first)
-    bn(refused)
-    assert taken == [True, False] and bn.num_batches_tracked.item() == 2
-    (m1, v1), (m2, v2) = reference.batch_stats(first), reference.batch_stats(refused)
-    assert_close_scaled(bn.running_mean, (m1 + m2) / 2, 1e-6)
-    assert_close_scaled(bn.running_var, (v1 + v2) / 2 * 100 / 99, 1e-6)
+def test_half_precision_variance_beyond_its_range_is_not_stored():
+    """fp16 buffers hold at most 65504: a batch variance above that would be stored as inf (and
+    eval would then output zeros); the guard checks the value as stored."""
+    bn = batchnorm.BatchNorm1d(4).half()
+    x = (torch.randn(16, 4) * 400).half()  # variance ~1.6e5
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm1d\(4\).*overflow"):
+        bn(x)
+    assert torch.equal(bn.running_var, torch.ones(4, dtype=torch.half))
+    assert bn.num_batches_tracked.item() == 0
 
 
-def test_small_batch_running_variance_below_eps_is_within_its_stated_bound(monkeypatch):
-    """The running variance comes from aten's fp32 invstd: within 2^-23 * (var + eps) of exact,
-    even when var << eps (kernels/small.py)."""
-    taken = _spy_small_path(monkeypatch)
+@pytest.mark.parametrize("backend", ["aten", "numba"])
+def test_running_variance_below_eps_is_within_its_stated_bound(backend):
+    """aten's route forms the running variance from its fp32 invstd: within 2^-23 (var + eps) of
+    exact, even when var << eps (kernels/aten.py); ours from m2 directly."""
     x = (torch.randn(64, 8, dtype=torch.float64) * 1e-4).float()
     bn = batchnorm.BatchNorm1d(8, momentum=1.0, affine=False)
-    bn(x)
-    assert taken == [True]
+    with batchnorm.use_backend(backend):
+        bn(x)
     _, var = reference.batch_stats(x)
     bound = 2.0**-23 * (var + 1e-5) * 64 / 63 + 2.0**-24 * var
     assert ((bn.running_var.double() - var * 64 / 63).abs() <= bound).all()
 
 
-_BYTES_OF_1x32x112x112 = 32 * 112 * 112 * 4
-
-
-@pytest.fixture
-def one_torch_thread():
-    """torch on one thread (the aten path's values-per-channel limit is per thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("shape,fmt,activation,max_bytes,takes_aten", [
-    ((64, 32, 16, 16), torch.channels_last, "identity", None, True),   # aten's CL kernel
-    ((64, 32, 16, 16), torch.channels_last, "relu", None, False),      # fused: ours
-    ((64, 32, 16, 16), torch.contiguous_format, "identity", None, False),
-    ((1, 32, 224, 224), torch.channels_last, "identity", None, True),  # 50176 values per channel
-    ((1, 32, 225, 224), torch.channels_last, "identity", None, False),  # past them (1 thread)
-    ((1, 32, 112, 112), torch.channels_last, "identity", _BYTES_OF_1x32x112x112, True),
-    ((1, 32, 112, 113), torch.channels_last, "identity", _BYTES_OF_1x32x112x112, False),
-])
-def test_channels_last_batches_take_aten_only_unfused_and_within_its_limits(
-        monkeypatch, one_torch_thread, shape, fmt, activation, max_bytes, takes_aten):
-    if max_bytes is not None:  # the real limit, 32 MB, would make a slow test
-        monkeypatch.setattr(F, "_ATEN_ROWS_BYTES", max_bytes)
-    taken = _spy_small_path(monkeypatch)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    x = x.contiguous(memory_format=fmt).requires_grad_()
-    running_mean, running_var = torch.zeros(32), torch.ones(32)
-    y = F.batch_norm(x, running_mean, running_var, training=True, activation=activation)
-    assert taken == ([True] if takes_aten else [])
-    mean, var = reference.batch_stats(x.detach())
-    expected = reference.activate(reference.normalize(x.detach().double(), mean, var, None, None,
-                                                      1e-5), activation, 0.01)
-    assert_close_scaled(y, expected, 1e-5, "y")
-    m = x.numel() // 32
-    # aten's fp32 variance at 50k values on one thread is up to ~1e-5 off (relative), which moves
-    # an eval output by half that: within the 1e-5 the outputs are held to, so the batch variance
-    # is held to 2e-5 (x momentum 0.1 here).
-    assert_close_scaled(running_var, 0.9 + 0.1 * var * m / (m - 1), 2e-6, "running_var")
-    assert y.is_contiguous(memory_format=fmt)
-
-
-def test_small_batch_with_strided_running_statistics_takes_the_regular_path(monkeypatch):
-    """`kernels.small` writes the running statistics' memory as contiguous: a strided view of
-    them (or an int32 count) must go the regular way, and still get torch.nn's update."""
-    taken = _spy_small_path(monkeypatch)
-    x = torch.randn(16, 4)
-    storage = torch.zeros(8), torch.ones(8)
-    running_mean, running_var = storage[0][::2], storage[1][::2]
-    F.batch_norm(x, running_mean, running_var, training=True, momentum=0.5)
-    F.batch_norm(x, torch.zeros(4), torch.ones(4), training=True, momentum=None,
-                 num_batches_tracked=torch.tensor(0, dtype=torch.int32))
-    assert taken == []
-    ref = torch.nn.BatchNorm1d(4, momentum=0.5, affine=False)
-    ref(x)
-    assert_close_scaled(running_mean, ref.running_mean, 1e-6, "running_mean")
-    assert_close_scaled(running_var, ref.running_var, 1e-6, "running_var")
-    assert torch.equal(storage[0][1::2], torch.zeros(4)) and torch.equal(storage[1][1::2],
-                                                                         torch.ones(4))
-
-
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_small_batch_in_float64_updates_like_torch_nn(monkeypatch, momentum):
-    taken = _spy_small_path(monkeypatch)
-    ours = batchnorm.BatchNorm2d(6, momentum=momentum, dtype=torch.float64)
-    ref = torch.nn.BatchNorm2d(6, momentum=momentum, dtype=torch.float64)
+def test_float64_updates_like_torch_nn(momentum):
+    ours = batchnorm.BatchNorm1d(50, momentum=momentum).double()
+    ref = torch.nn.BatchNorm1d(50, momentum=momentum).double()
     for step in range(3):
-        x = torch.randn(5, 6, 4, 4, dtype=torch.float64) * (step + 1) + step
-        assert_close_scaled(ours(x), ref(x), 1e-10, "y")
-    assert taken == [True] * 3
-    for key, value in ref.state_dict().items():
-        assert_close_scaled(ours.state_dict()[key], value, 1e-10, key)
+        x = torch.randn(40, 50, dtype=torch.float64) * (step + 1) + step
+        assert_close_scaled(ours(x), ref(x), 1e-10)
+        assert_close_scaled(ours.running_mean, ref.running_mean, 1e-12)
+        assert_close_scaled(ours.running_var, ref.running_var, 1e-12)

@@ -65,11 +65,34 @@ def _lab(args, parser) -> int:
     return 0
 
 
+def _tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="measure where our kernels beat torch's on this machine",
+                       description="Times torch's batch-norm kernel against ours on a sweep of "
+                                   "training steps and stores the sizes where each wins in the "
+                                   "user cache directory (or $BATCHNORM_PROFILE); later runs "
+                                   "route by it. About a minute.")
+    p.add_argument("--runs", type=int, default=15, help="timed runs per size and backend")
+    p.set_defaults(func=_tune)
+
+
+def _tune(args, parser) -> int:
+    from batchnorm.kernels import profile
+
+    if args.runs < 1:
+        parser.error(f"--runs: expected a positive number, got {args.runs}")
+    measured = profile.measure(runs=args.runs)
+    print(f"small_values={measured.small_values} aten_nchw_max_values="
+          f"{measured.aten_nchw_max_values} aten_rows_max={measured.aten_rows_max}")
+    print(f"profile: {profile.store(measured)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batchnorm",
                                      description="batchnorm: batch normalization for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     _lab_parser(sub)
+    _tune_parser(sub)
     args = parser.parse_args(argv)
     sub_parser = sub.choices[args.command]
     return args.func(args, sub_parser)

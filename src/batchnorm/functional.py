@@ -1,54 +1,34 @@
-"""Functional batch normalization: argument checks, the running-statistics rules, one kernel call.
+"""Functional batch normalization: one argument check, one routing decision, one kernel call.
 
-This module is the only place the update rules live (DESIGN.md, "The rules that live once"):
+    y = act(weight * (x - E[x]) / sqrt(Var[x] + eps) + bias (+ residual)), per channel (dim 1)
 
-- normalize with the biased batch variance m2/M; store the unbiased m2/(M-1) in `running_var`,
-  M = N x spatial (Ioffe & Szegedy 2015, arXiv 1502.03167, Algorithm 2);
-- `momentum` float: r <- (1 - momentum) r + momentum * batch; `momentum=None`: cumulative average,
-  factor 1/num_batches_tracked; updates run under no_grad, in place, in the buffers' dtype;
-- a batch whose statistics are not finite leaves the running statistics alone (the output still
-  shows the NaN) and warns once per layer; under torch.compile the guard is branch-free;
-- an empty batch (N=0) returns an empty output and changes nothing;
-- training on M=1 values per channel raises ValueError;
-- small CPU training batches, and the (N, C) and channels-last ones where aten measured faster
-  than our kernels (`_small_batch`), run on aten's fused kernel, torch.nn's own, followed by the
-  same update (`kernels.small`); batches it cannot take as accurately as our kernels, and
-  non-finite ones, go the regular way;
-- `sync=True` (SyncBatchNorm): in training, the statistics are those of the global batch over the
-  ranks of a `torch.distributed` process group (see `_sync_batch_stats`); the rules above then
-  apply to the global batch: the global M decides the M=1 error, a globally empty batch changes
-  nothing, and every rank applies the same update.
+(Ioffe & Szegedy 2015, arXiv 1502.03167). Each function here validates its arguments once, asks
+`kernels.dispatch.choose` once which backend computes the call (torch's aten kernel, the
+composite torch ops, or our Numba/Triton kernels: see that module), runs it, and hands the
+batch's (count, mean, m2) to `rules.update_running_stats`, where the running-statistics rules
+live. The variants (renorm, ghost, masked, sync) are composed from the same pieces.
+
+`sync=True` (SyncBatchNorm): in training, the statistics are those of the global batch over the
+ranks of a `torch.distributed` process group (see `_sync_batch_stats`); the rules then apply to
+the global batch: the global M decides the M=1 error, a globally empty batch changes nothing, and
+every rank applies the same update.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
-import weakref
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from batchnorm import kernels
-from batchnorm.kernels import native
+from batchnorm import kernels, rules
+from batchnorm.kernels import aten, dispatch, native
 from batchnorm.kernels.native import accumulation_dtype, merge_stats
+from batchnorm.rules import ONE_VALUE_FIX, check_eps, check_momentum, update_running_stats
 
 __all__ = ["batch_norm", "batch_renorm", "ghost_batch_norm", "masked_batch_norm", "renorm_limits",
-           "check_momentum", "check_eps"]
-
-_warned_nonfinite: "weakref.WeakSet[object]" = weakref.WeakSet()
-
-
-def check_momentum(momentum: float | None, name: str) -> None:
-    if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
-        raise ValueError(f"{name}: momentum must be a float in [0, 1] or None (cumulative average), "
-                         f"got {momentum!r}")
-
-
-def check_eps(eps: float, name: str) -> None:
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"{name}: eps must be a positive float, got {eps!r}")
+           "check_momentum", "check_eps", "update_running_stats"]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -81,12 +61,27 @@ def _check_input(input: Tensor, per_channel: dict[str, Tensor | None], name: str
                              f"{input.device}; move the layer with .to({str(input.device)!r})")
 
 
-def _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name) -> None:
-    """The checks every batch-norm variant shares: input and per-channel tensors, momentum, eps."""
+def _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name,
+                     training, num_batches_tracked) -> None:
+    """The checks every batch-norm variant shares: input and per-channel tensors, momentum, eps,
+    and the running statistics' pairing."""
     _check_input(input, {"running_mean": running_mean, "running_var": running_var,
                          "weight": weight, "bias": bias}, name)
     check_momentum(momentum, name)
     check_eps(eps, name)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{name}: running_mean and running_var must both be given or both be None")
+    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+
+
+def _check_epilogue(input, residual, activation, name) -> None:
+    if activation not in kernels.ACTIVATIONS:
+        raise ValueError(f"{name}: activation must be one of {', '.join(kernels.ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(f"{name}: residual must have the input's shape {_shape(input)}, got "
+                         f"{_shape(residual)}")
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -112,7 +107,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         eps: added to the variance, > 0.
         num_batches_tracked: 0-dim long buffer, incremented on each finite training update.
         residual: tensor shaped like `input`, added before the activation.
-        activation: one of `kernels.ACTIVATIONS`, fused into the same kernel.
+        activation: one of `kernels.ACTIVATIONS`, fused into the same kernel where that pays.
         negative_slope: the slope of "leaky_relu".
         layer_name: how errors and warnings name the caller, e.g. "BatchNorm2d(64)".
         warn_key: object the non-finite warning is issued once for (defaults to the call site).
@@ -128,276 +123,137 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     Raises:
         TypeError: non-tensor or integer input.
         ValueError: bad shapes, devices, momentum or eps; training with one value per channel
-            (with `sync`, one value over all ranks); `sync` on a rank outside `process_group`.
+            (with `sync`, one value over all ranks); `sync` on a rank outside `process_group`;
+            vmap over a training call that updates running statistics.
         RuntimeError: with `sync`, a collective failed (a rank died or timed out); the message
             names the layer.
     """
-    if (not training and activation == "identity" and residual is None
-            and running_mean is not None and running_var is not None and type(input) is Tensor
-            and type(eps) is float and eps > 0
-            and (momentum is None or type(momentum) is float and 0.0 <= momentum <= 1.0)
-            and _aten_eval(input, (weight, bias, running_mean, running_var))):
-        # Eval with nothing fused: torch's own eval kernel (a bare affine is one read and one
-        # write whoever does it, and torch's measured faster than ours and than an addcmul:
-        # benchmarks/kernels.py, eval rows), behind `_aten_eval`'s short test rather than
-        # `_check_arguments` (~75 us a call with the caches cold after a large kernel); anything
-        # it does not take goes on to the checks and their errors.
-        return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
-                                False)
-    if (training and not sync and activation in kernels.ACTIVATIONS
-            and (residual is None or _same_layout(residual, input))
-            and _small_batch(input, running_mean, running_var, weight, bias, momentum, eps,
-                             num_batches_tracked,
-                             fused=residual is not None or activation != "identity")):
-        y = _small_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
-                              num_batches_tracked)
-        if y is not None:
-            # Unfused epilogue: at these sizes a torch op costs less than our fused kernel's call.
-            return native.activate(y if residual is None else y + residual, activation,
-                                   negative_slope)
-    if (activation != "identity" and isinstance(input, Tensor)
-            and activation in kernels.ACTIVATIONS
-            and activation not in kernels.fused_activations(input)):
-        # This kernel's epilogue would be slower than torch's own op (kernels/cpu.py): normalize
-        # (and add the residual) in the kernel, then activate.
-        y = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       num_batches_tracked=num_batches_tracked, residual=residual,
-                       layer_name=layer_name, warn_key=warn_key, sync=sync,
-                       process_group=process_group)
-        return native.activate(y, activation, negative_slope)
     name = layer_name or "batch_norm"
-    _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name)
-    if activation not in kernels.ACTIVATIONS:
-        raise ValueError(f"{name}: activation must be one of {', '.join(kernels.ACTIVATIONS)}, "
-                         f"got {activation!r}")
-    if residual is not None and residual.shape != input.shape:
-        raise ValueError(f"{name}: residual must have the input's shape {_shape(input)}, got "
-                         f"{_shape(residual)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{name}: running_mean and running_var must both be given or both be None")
-    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
-
+    _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name,
+                     training, num_batches_tracked)
+    _check_epilogue(input, residual, activation, name)
     if sync and training and _sync_world_size(process_group, name) > 1:
         return _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
                                 num_batches_tracked, residual, activation, negative_slope,
                                 process_group, name, warn_key)
     if input.numel() == 0:
         return input.clone()
-    use_batch_stats = training or running_mean is None
-    if not use_batch_stats:
-        invstd = torch.rsqrt(running_var + eps)
-        return _normalize(input, weight, bias, residual, running_mean, invstd, eps, activation,
-                          negative_slope)
-
-    _check_one_value(input.numel() // input.shape[1], _shape(input), name, _ONE_VALUE_FIX)
-    y, count, mean, m2 = _normalize(input, weight, bias, residual, None, None, eps, activation,
-                                    negative_slope)
+    fused = activation != "identity" or residual is not None
+    if not (training or running_mean is None):
+        backend = dispatch.choose(input, training=False, fused=fused,
+                                  per_channel=(weight, bias, running_mean, running_var))
+        return _normalize(backend, input, running_mean, running_var, weight, bias, residual, eps,
+                          activation, negative_slope)
+    _check_one_value(input.numel() // input.shape[1], _shape(input), name, ONE_VALUE_FIX)
+    backend = dispatch.choose(input, training=True, fused=fused, per_channel=(weight, bias))
+    y, count, mean, m2 = _train(backend, input, weight, bias, residual, eps, activation,
+                                negative_slope)
     if training and running_mean is not None:
+        _refuse_vmapped_update(mean, name)
         update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
     return y
 
 
-_ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
-
-# Training batches of at most this many values on the CPU take `kernels.small` (aten's fused
-# kernel): there the fixed cost of a call decides, and torch.nn's kernel with its C++ autograd
-# node costs less than our autograd.Function, kernel host code and separate update (issue 3).
-# So do batches our "rows" walk takes (kernels/cpu.py) where that walk measured slower than aten:
-# (N, C) with at most _SMALL_ROWS values per channel (half torch's speed at 512x1024), and
-# channels-last batches with nothing fused, up to _ATEN_ROWS_VALUES_PER_THREAD values per channel
-# and thread (two at most) and _ATEN_ROWS_BYTES (training step against the rows walk, 2 threads:
-# 8x32x112x112 3.6 against 5.4 ms, 32x64x56x56 8.9 against 11.8 ms; past 32 MB, glibc's largest
-# reused block, aten's outputs fault in afresh every step and the rows walk, on pooled outputs,
-# won: 16x64x32x32x8 (33.5 MB) 16.5 against 31 ms, 64x1024x14x14 23 against 54 ms).
-# `kernels.small` checks that aten's unshifted fp32 sums stay within our tolerance for the
-# batch's mean; at mean 0 their error grows with the values each thread sums: 5.0-7.2e-6 of the
-# output at 50k values on 1 thread (24 seeds), 4.0e-6 at 100k on 2, 9.3e-6 at 100k on 1 (our
-# tolerance is 1e-5).
-_SMALL_NUMEL = 1 << 16
-_SMALL_ROWS = 1 << 14
-_ATEN_ROWS_VALUES_PER_THREAD = 50176
-_ATEN_ROWS_BYTES = 32 << 20
-_SMALL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
-_small = None
-
-
-def _same_layout(t, x) -> bool:
-    return type(t) is Tensor and t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
-
-
-def _small_batch(x, running_mean, running_var, weight, bias, momentum, eps, tracked,
-                 fused) -> bool:
-    """Whether a training call can take `kernels.small`: a small dense fp32/fp64 CPU batch, or
-    one of the rows batches above (channels-last ones only when nothing is `fused`), with
-    well-formed arguments of its dtype (anything else, errors included, is the regular path's)."""
-    if type(x) is not Tensor or not x.is_cpu or x.ndim < 2:
-        return False
-    dtype = x.dtype
-    if dtype is not torch.float32 and dtype is not torch.float64:
-        return False
-    channels = x.shape[1]
-    numel = x.numel()
-    if not channels < numel:  # M > 1
-        return False
-    contiguous = x.is_contiguous()
-    if not (contiguous or x.ndim in _SMALL_FORMATS
-            and x.is_contiguous(memory_format=_SMALL_FORMATS[x.ndim])):
-        return False
-    if numel > _SMALL_NUMEL and not (
-            x.ndim == 2 and numel // channels <= _SMALL_ROWS
-            or not (contiguous or fused) and numel * x.element_size() <= _ATEN_ROWS_BYTES
-            and numel // channels
-            <= _ATEN_ROWS_VALUES_PER_THREAD * min(torch.get_num_threads(), 2)):
-        return False
-    if (running_mean is None) != (running_var is None) or not (type(eps) is float and eps > 0):
-        return False
-    if not (type(momentum) is float and 0.0 <= momentum <= 1.0
-            or momentum is None and (tracked is not None or running_mean is None)):
-        return False
-    for t in (running_mean, running_var, weight, bias):
-        if t is not None and (t.dtype is not dtype or not t.is_cpu or t.ndim != 1
-                              or t.shape[0] != channels):
-            return False
-    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad
-                                     or not running_mean.is_contiguous()
-                                     or not running_var.is_contiguous()):
-        return False  # `kernels.small` writes their memory
-    if tracked is not None and not (type(tracked) is Tensor and tracked.dtype is torch.int64
-                                    and tracked.numel() == 1 and tracked.is_cpu):
-        return False
-    return not torch.compiler.is_compiling()
-
-
-def _aten_eval(x, per_channel) -> bool:
-    """Whether an eval call without epilogue runs on torch's own kernel: eager, a CPU fp32/fp64
-    input of at least 2 dimensions, and its (C,) parameters and statistics (`per_channel`) on
-    the CPU in its dtype (what torch's kernel requires, and what `_check_arguments` accepts)."""
-    if not x.is_cpu or x.dtype not in (torch.float32, torch.float64) or x.ndim < 2:
-        return False
-    channels = x.shape[1]
-    for t in per_channel:
-        if t is not None and not (isinstance(t, Tensor) and t.dtype == x.dtype and t.is_cpu
-                                  and t.ndim == 1 and t.shape[0] == channels):
-            return False
-    return not torch.compiler.is_compiling()
-
-
-def _small_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, tracked):
-    """`kernels.small.train`: None (nothing changed) for a batch the regular path must take."""
-    global _small
-    if _small is None:  # imports Numba: not on `import batchnorm`
-        from batchnorm.kernels import small as _small
-    return _small.train(x, weight, bias, running_mean, running_var, tracked, momentum, eps)
-
-
-def _one_value_error(name: str, got: str, fix: str) -> ValueError:
-    return ValueError(f"{name}: training needs more than one value per channel (got {got}); {fix}")
-
-
-def _normalize(x, weight, bias, residual, mean, invstd, eps, activation, negative_slope):
-    """One kernel call. Eager: the autograd.Function (no custom-op dispatch). Compiled: the custom
-    ops, so the graph holds opaque batchnorm::stats / batchnorm::forward nodes."""
-    if not torch.compiler.is_compiling():
-        stats = []
-        y = kernels.BatchNormFunction.apply(x, weight, bias, residual, mean, invstd, eps,
-                                            activation, negative_slope, stats)
-        return y if mean is not None else (y, *stats)
-    training = mean is None
-    if training:
+def _train(backend: str, x: Tensor, weight, bias, z, eps: float, act: str, act_param: float
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training batch norm on `backend`: (y, count, mean, m2), the statistics without gradient."""
+    if backend == "aten":
+        return aten.train(x, weight, bias, z, eps, act, act_param)
+    if backend == "composite":
+        return native.composite_train(x, weight, bias, z, eps, act, act_param)
+    family = kernels.kernel_family(backend)
+    if act not in kernels.fused_activations(family):
+        # This family's epilogue would be slower than torch's own op: normalize (and add the
+        # residual) in the kernel, then activate.
+        y, *stats = _train(backend, x, weight, bias, z, eps, "identity", 0.0)
+        return (native.activate(y, act, act_param), *stats)
+    if torch.compiler.is_compiling():
         count, mean, m2 = kernels.stats(x.detach())
         invstd = torch.rsqrt(m2 / count + eps)
-    y = kernels.forward(x, mean, invstd, weight, bias, residual, activation, negative_slope,
-                        training)
-    return y if not training else (y, count, mean, m2)
+        y = kernels.forward(x, mean, invstd, weight, bias, z, act, act_param, True, eps)
+        return y, count, mean, m2
+    stats: list[Tensor] = []
+    y = kernels.BatchNormFunction.apply(x, weight, bias, z, None, None, eps, act, act_param, stats,
+                                        family)
+    return (y, *stats)
 
 
-def update_running_stats(running_mean: Tensor, running_var: Tensor,
-                         num_batches_tracked: Tensor | None, count: Tensor, mean: Tensor,
-                         m2: Tensor, momentum: float | None, name: str = "batch_norm",
-                         warn_key: object | None = None) -> None:
-    """Fold one batch's (count, mean, m2) into the running statistics, in place.
-
-    The non-finite guard is a `torch.where`, so it holds without a data-dependent branch under
-    torch.compile; eager mode also warns, once per `warn_key`. Eager CPU statistics take the same
-    rule as one kernel call (`kernels.update_running_stats`), which needs no `torch.no_grad()`
-    (entering one took ~35 us with cold caches, as after a large kernel).
-    """
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        applied = kernels.update_running_stats(running_mean, running_var, num_batches_tracked,
-                                               count, mean, m2, momentum)
-        if applied is not None:
-            if not applied:
-                _warn_nonfinite(name, warn_key)
-            return
-    with torch.no_grad():
-        _update_with_torch_ops(running_mean, running_var, num_batches_tracked, count, mean, m2,
-                               momentum, name, warn_key, compiling)
+def _normalize(backend: str, x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias,
+               z, eps: float, act: str, act_param: float) -> Tensor:
+    """Eval batch norm with the running statistics, on `backend`."""
+    if backend == "aten":
+        return aten.normalize(x, running_mean, running_var, weight, bias, z, eps, act, act_param)
+    acc = accumulation_dtype(x.dtype)
+    mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+    if backend == "composite":
+        return native.forward(x, mean, invstd, weight, bias, z, act, act_param)
+    return _kernel_normalize(backend, x, mean, invstd, weight, bias, z, eps, act, act_param,
+                             training=False)
 
 
-def _update_with_torch_ops(running_mean, running_var, num_batches_tracked, count, mean, m2,
-                           momentum, name, warn_key, compiling):
-    finite = torch.isfinite(mean).all() & torch.isfinite(m2).all()
-    if not compiling and not finite:
-        _warn_nonfinite(name, warn_key, stacklevel=5)
-        return
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype) if compiling else 1)
-    if momentum is None:
-        factor = num_batches_tracked.clamp_min(1).to(running_mean.dtype).reciprocal()
-    else:
-        factor = momentum
-    unbiased_var = (m2 / (count - 1)).to(running_var.dtype)
-    if not compiling:
-        # The batch is finite here, so the guard is moot: update in place, 5 fewer ops (small
-        # batches are overhead-bound).
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-        running_var.lerp_(unbiased_var, factor)
-        return
-    new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), factor)
-    new_var = torch.lerp(running_var, unbiased_var, factor)
-    running_mean.copy_(torch.where(finite, new_mean, running_mean))
-    running_var.copy_(torch.where(finite, new_var, running_var))
-
-
-def _warn_nonfinite(name: str, warn_key: object | None, stacklevel: int = 4) -> None:
-    """Warn once per `warn_key`; `stacklevel` points at the caller of `batch_norm`."""
-    if warn_key is not None:
-        if warn_key in _warned_nonfinite:
-            return
-        _warned_nonfinite.add(warn_key)
-    warnings.warn(
-        f"{name}: the batch statistics are not finite (NaN or Inf in the input), so the running "
-        f"statistics were left unchanged; find the input with "
-        f"torch.autograd.set_detect_anomaly(True) or a forward pre-hook checking "
-        f"torch.isfinite(input).all()", RuntimeWarning, stacklevel=stacklevel)
-
-
-# ---- the family: variants composed from the same kernels and the same update rule -------------
-
-def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(count, mean, m2) of x without gradient: the `stats` op compiled, its implementation eager
-    (no custom-op dispatch), as in `_normalize`."""
+def _kernel_normalize(backend, x, mean, invstd, weight, bias, z, eps, act, act_param, training):
+    """y = act(a*x + b (+ z)) on a kernel backend with given statistics; `training`: they are
+    x's batch statistics, and the backward differentiates through them."""
+    family = kernels.kernel_family(backend)
+    if act not in kernels.fused_activations(family):
+        y = _kernel_normalize(backend, x, mean, invstd, weight, bias, z, eps, "identity", 0.0,
+                              training)
+        return native.activate(y, act, act_param)
     if torch.compiler.is_compiling():
-        return kernels.stats(x.detach())
-    return kernels.implementation(x).stats(x.detach())
+        return kernels.forward(x, mean, invstd, weight, bias, z, act, act_param, training, eps)
+    function = kernels.BatchStatsNormFunction if training else kernels.BatchNormFunction
+    return function.apply(x, weight, bias, z, mean, invstd, eps, act, act_param, None, family)
 
 
-def _normalize_with_batch_stats(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-                                bias: Tensor | None) -> Tensor:
-    """Normalize with batch statistics of x computed beforehand; the backward differentiates
-    through them (training mode)."""
+def _refuse_vmapped_update(mean: Tensor, name: str) -> None:
+    """Under vmap each sample has its own batch statistics and there is no single update of the
+    running statistics; torch.nn refuses too."""
     if torch.compiler.is_compiling():
-        return kernels.forward(x, mean, invstd, weight, bias, None, "identity", 0.0, True)
-    return kernels.BatchStatsNormFunction.apply(x, weight, bias, None, mean, invstd, 0.0,
-                                                "identity", 0.0, None)
+        return
+    t = mean
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            raise ValueError(
+                f"{name}: vmap over a training forward that updates running statistics has no "
+                f"single update (each vmapped sample has its own batch statistics); call "
+                f"torch.func.replace_all_batch_norm_modules_(model) first, construct the layer "
+                f"with track_running_stats=False, or use eval mode")
+        t = torch._C._functorch.get_unwrapped(t)
 
 
 def _check_one_value(values_per_channel: int, shape: tuple[int, ...], name: str, fix: str) -> None:
     if values_per_channel == 1:
-        raise _one_value_error(name, f"input of shape {shape}", fix)
+        raise rules.one_value_error(name, f"input of shape {shape}", fix)
+
+
+# ---- the family: variants composed from the same kernels and the same update rule -------------
+
+def _batch_stats(backend: str, x: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple | None]:
+    """(count, mean, m2) of x without gradient, for variants that need the statistics before they
+    normalize (renorm), and for the composite math also (mean, var) with their graph, which
+    `_normalize_with_batch_stats` normalizes with (computed once, used twice)."""
+    if backend in ("aten", "composite"):
+        var, mean = torch.var_mean(x.to(accumulation_dtype(x.dtype)), native.reduce_dims(x),
+                                   correction=0)
+        count = torch.full_like(mean, x.numel() // x.shape[1]).detach()
+        return count, mean.detach(), (var * count).detach(), (mean, var)
+    if torch.compiler.is_compiling():
+        return (*kernels.stats(x.detach()), None)
+    return (*kernels.kernel_family(backend).stats(x.detach()), None)
+
+
+def _normalize_with_batch_stats(backend: str, x: Tensor, mean: Tensor, invstd: Tensor,
+                                weight: Tensor | None, bias: Tensor | None, eps: float,
+                                differentiable: tuple | None) -> Tensor:
+    """Normalize with batch statistics of x computed beforehand; the backward differentiates
+    through them (training mode)."""
+    if differentiable is not None:
+        batch_mean, var = differentiable
+        return native.forward(x, batch_mean, torch.rsqrt(var + eps), weight, bias, None,
+                              "identity", 0.0)
+    return _kernel_normalize(backend, x, mean, invstd, weight, bias, None, eps, "identity", 0.0,
+                             training=True)
 
 
 def check_renorm_limits(rmax: float, dmax: float, name: str) -> None:
@@ -481,7 +337,8 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
                           layer_name=name)
-    _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name)
+    _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name,
+                     training, num_batches_tracked)
     fix = "use eval mode or GroupNorm for batch size 1"
     syncing = sync and _sync_world_size(process_group, name) > 1
     if syncing:
@@ -492,7 +349,13 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
         if input.numel() == 0:
             return input.clone()
         _check_one_value(input.numel() // input.shape[1], _shape(input), name, fix)
-        count, mean, m2 = _batch_stats(input)
+        backend = dispatch.choose(input, training=True, fused=True)
+        if backend == "composite" and torch.compiler.is_compiling():
+            # Inductor (torch 2.13) miscompiles the gradient of the composite renorm (0.27 off
+            # eager on a 7x3x4x4 batch; aot_eager is right): compiled, renorm takes the custom
+            # ops, which it keeps opaque.
+            backend = "native"
+        count, mean, m2, differentiable = _batch_stats(backend, input)
     var = m2 / count
     invstd = torch.rsqrt(var + eps)
     with torch.no_grad():
@@ -508,7 +371,9 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
         y = _sync_normalize(input, mean, invstd, count, renorm_weight, renorm_bias, None,
                             "identity", 0.0, process_group, name)
     else:
-        y = _normalize_with_batch_stats(input, mean, invstd, renorm_weight, renorm_bias)
+        y = _normalize_with_batch_stats(backend, input, mean, invstd, renorm_weight, renorm_bias,
+                                        eps, differentiable)
+    _refuse_vmapped_update(mean, name)
     update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
                          name, warn_key)
     return y
@@ -565,9 +430,8 @@ def ghost_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
     if not (training or running_mean is None):
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
                           layer_name=name)
-    _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name)
-    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+    _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name,
+                     training, num_batches_tracked)
     if input.numel() == 0:
         return input.clone()
     values_per_sample = input[0, 0].numel()
@@ -576,11 +440,14 @@ def ghost_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
     for chunk in input.split(sizes):
         _check_one_value(chunk.numel() // chunk.shape[1], _shape(chunk), name,
                          "use a larger virtual_batch_size or eval mode")
-        y, count, mean, m2 = _normalize(chunk, weight, bias, None, None, None, eps, "identity", 0.0)
+        backend = dispatch.choose(chunk, training=True, fused=False, per_channel=(weight, bias))
+        y, count, mean, m2 = _train(backend, chunk,
+                                    weight, bias, None, eps, "identity", 0.0)
         outputs.append(y)
         partials.append((count, mean, m2))
     if training and running_mean is not None:
         count, mean, m2 = merge_stats(*(torch.stack(p) for p in zip(*partials)))
+        _refuse_vmapped_update(mean, name)
         update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
@@ -645,10 +512,8 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
         y = batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
                        layer_name=name)
         return torch.where(mask.unsqueeze(1), y, 0.0)
-    check_momentum(momentum, name)
-    check_eps(eps, name)
-    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+    _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name,
+                     training, num_batches_tracked)
     channels_last = input.movedim(1, -1)
     valid = channels_last[mask]
     if not torch.compiler.is_compiling():
@@ -658,11 +523,15 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
             return torch.where(mask.unsqueeze(1), input, 0.0)  # zeros, still part of the graph
         _check_one_value(valid.shape[0], _shape(input), name,
                          "the mask leaves one valid position; use eval mode for it")
-    y, count, mean, m2 = _normalize(valid, weight, bias, None, None, None, eps, "identity", 0.0)
+    backend = dispatch.choose(valid, training=True, fused=False, per_channel=(weight, bias))
+    y, count, mean, m2 = _train(backend, valid, weight, bias, None, eps, "identity", 0.0)
     if training and running_mean is not None:
+        _refuse_vmapped_update(mean, name)
         update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
-    out = torch.zeros_like(channels_last).masked_scatter(mask.unsqueeze(-1), y)
+    # index_put, not masked_scatter: the latter's backward has no forward-mode derivative in
+    # torch (forward-over-reverse fails on it).
+    out = torch.zeros_like(channels_last).index_put((mask,), y)
     return out.movedim(-1, 1)
 
 
@@ -729,7 +598,7 @@ def _collective(what: str, call, process_group, name: str) -> None:
 
 @_eager_only  # collectives
 @torch.no_grad()
-def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = _ONE_VALUE_FIX
+def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = ONE_VALUE_FIX
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel (count, mean, m2) of the global batch: the concatenation of every rank's `x`.
 
@@ -753,7 +622,7 @@ def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = _ONE_VALUE
     partials = torch.stack(gathered)
     count, mean, m2 = merge_stats(partials[:, 0], partials[:, 1], partials[:, 2])
     if int(count[0]) == 1:
-        raise _one_value_error(name, f"input of shape {_shape(x)} on this rank, 1 value per "
+        raise rules.one_value_error(name, f"input of shape {_shape(x)} on this rank, 1 value per "
                                      f"channel over all {len(gathered)} ranks", fix)
     return count, mean, m2
 
@@ -789,6 +658,13 @@ class _SyncNormalizeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, mean, invstd, count, weight, bias, z, y = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{ctx.name}: a differentiable backward (create_graph=True, e.g. a gradient "
+                f"penalty) through batch norm synced across "
+                f"{dist.get_world_size(ctx.process_group)} ranks is not supported; compute the "
+                f"penalty on a model whose batch norms are not synced "
+                f"(batchnorm.revert_sync_batchnorm), or in eval mode")
         needs = ctx.needs_input_grad
         impl = kernels.implementation(x)
         if x.numel() > 0:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+import batchnorm
 from batchnorm import functional as F
 from batchnorm import kernels, reference
 from batchnorm.kernels import cpu, cpu_memory, native
@@ -61,16 +62,14 @@ BIG = [((4, 8, 64, 65), torch.contiguous_format),   # nchw
 
 @pytest.fixture(autouse=True)
 def numba_kernels_on_two_threads(monkeypatch):
-    """Every batch here runs on the Numba kernels: the small-batch path (aten's kernel,
-    `functional._small_batch`) is off, and every epilogue is fused (`cpu.FUSED_ACTIVATIONS`).
-    BIG cases split between two threads only if torch allows two (the lab's conftest sets one
-    for the whole process when its tests share the worker)."""
-    monkeypatch.setattr(F, "_SMALL_NUMEL", 0)
-    monkeypatch.setattr(F, "_SMALL_ROWS", 0)
+    """Every batch here runs on the Numba kernels (`use_backend("numba")`), and every epilogue
+    is fused (`cpu.FUSED_ACTIVATIONS`). BIG cases split between two threads only if torch allows
+    two (the lab's conftest sets one for the whole process when its tests share the worker)."""
     monkeypatch.setattr(cpu, "FUSED_ACTIVATIONS", ACTS)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    yield
+    with batchnorm.use_backend("numba"):
+        yield
     torch.set_num_threads(before)
 
 
@@ -389,7 +388,8 @@ def test_eager_eval_without_epilogue_runs_torchs_kernel():
     x, weight, bias, z, _ = make((4, 3, 5, 6), torch.channels_last, torch.float32)
     mean, var = torch.randn(3), torch.rand(3) + 0.5
     expected = torch.nn.functional.batch_norm(x, mean, var, weight, bias, False)
-    assert torch.equal(F.batch_norm(x, mean, var, weight, bias, False), expected)
+    with batchnorm.use_backend(None):
+        assert torch.equal(F.batch_norm(x, mean, var, weight, bias, False), expected)
     # with an epilogue it is ours (fused), equal to rounding
     fused = F.batch_norm(x, mean, var, weight, bias, False, residual=z, activation="relu")
     assert_scaled(fused, torch.relu(expected + z).double(), 1e-5, "fused eval")
@@ -536,11 +536,11 @@ def test_first_step_compiles_the_backward_in_a_second_process():
         import torch, batchnorm
         from batchnorm import functional as F
         from batchnorm.kernels import cpu, cpu_loops
-        F._SMALL_NUMEL = 0
         torch.manual_seed(0)
         x = torch.randn(6, 8, 7, 7, requires_grad=True)
         ours, theirs = batchnorm.BatchNorm2d(8), torch.nn.BatchNorm2d(8)
-        ours(x).square().sum().backward()
+        with batchnorm.use_backend("numba"):
+            ours(x).square().sum().backward()
         grad, x.grad = x.grad, None
         theirs(x).square().sum().backward()
         assert torch.allclose(grad, x.grad, atol=1e-5), (grad - x.grad).abs().max()

@@ -52,7 +52,7 @@ SHAPES = {
 _WORKER = r"""
 import io, os, struct, sys
 import torch
-from batchnorm import functional, kernels
+from batchnorm import functional, kernels, use_backend
 from batchnorm.kernels import cuda
 replies = os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)
@@ -60,12 +60,14 @@ requests = sys.stdin.buffer
 
 
 def functional_step(x, weight, bias, z, dy, activation):
-    # batchnorm.functional -> BatchNormFunction -> the dispatch, pointed at the Triton kernels
-    kernels.implementation = lambda tensor: cuda
+    # batchnorm.functional -> BatchNormFunction on a kernel backend whose family, in this worker
+    # (CPU tensors, no GPU), is the Triton kernels
+    kernels.kernel_family = lambda backend: cuda
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias, z)]
     running_mean, running_var = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
-    y = functional.batch_norm(leaves[0], running_mean, running_var, leaves[1], leaves[2], True,
-                              0.1, 1e-5, residual=leaves[3], activation=activation)
+    with use_backend("native"):
+        y = functional.batch_norm(leaves[0], running_mean, running_var, leaves[1], leaves[2],
+                                  True, 0.1, 1e-5, residual=leaves[3], activation=activation)
     y.backward(dy)
     return (y.detach(), running_mean, running_var) + tuple(t.grad for t in leaves)
 
@@ -403,7 +405,7 @@ def test_cpu_runs_never_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_fallback_table(tmp_path, monkeypatch):
+def test_results_table_decides_where_triton_runs(tmp_path):
     from batchnorm.kernels import cuda  # compiled-mode module: loads, launches nothing
 
     def case(cls, speedup):
@@ -412,27 +414,24 @@ def test_fallback_table(tmp_path, monkeypatch):
     results = tmp_path / "kernels-cuda.json"
     results.write_text(json.dumps({"cases": [case(slow, 0.8), case(slow, 0.9), case(slow, 1.2),
                                              case(fast, 0.9), case(fast, 1.5), case(fast, 2.0)]}))
-    assert cuda.load_fallback(results) == frozenset({slow})
-    assert cuda.load_fallback(tmp_path / "missing.json") == frozenset()
+    assert cuda.load_wins(results) == frozenset({fast})
+    assert cuda.load_wins(tmp_path / "missing.json") == frozenset()  # unmeasured: torch's kernel
     x = torch.randn(2, 3, 4, 5)
     assert cuda.path_key(x) == ("nchw", "float32", "fused")
     assert cuda.path_key(x.to(memory_format=torch.channels_last).bfloat16()) == (
         "nhwc", "bfloat16", "fused")
     assert cuda.path_key(torch.randn(64, 8, 32, 32)) == ("nchw", "float32", "split")
     assert set(cuda._ACT_CODES) == set(kernels.ACTIVATIONS)
-    monkeypatch.setattr(cuda, "FALLBACK", frozenset())
     assert cuda.supports(x) and cuda.supports(x.half())
-    monkeypatch.setattr(cuda, "FALLBACK", frozenset({cuda.path_key(x)}))
-    assert not cuda.supports(x) and cuda.supports(x.half())
     assert not cuda.supports(x.double()) and not cuda.supports(x[:0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_dispatch_sends_cuda_tensors_to_triton():
-    from batchnorm.kernels import cuda
+def test_dispatch_sends_cuda_tensors_to_triton_only_where_it_measured_faster():
+    from batchnorm.kernels import cuda, dispatch
     x = torch.randn(4, 3, 5, 5, device="cuda")
-    assert kernels.implementation(x) is (cuda if cuda.path_key(x) not in cuda.FALLBACK else
-                                         kernels.native)
+    expected = "triton" if cuda.path_key(x) in cuda.WINS else "aten"
+    assert dispatch.choose(x, training=True, fused=False) == expected
     assert kernels.implementation(x.double()) is kernels.native
 
 

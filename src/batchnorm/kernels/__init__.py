@@ -5,11 +5,18 @@
     batchnorm::backward(dy, x, mean, invstd, weight?, bias?, z?, y?, act, act_param, training,
                         count?, sum_dy?, sum_dy_xhat?, input_grad) -> (dx, dweight, dbias, dz)
 
-`torch.compile` and `torch.export` see these ops as single opaque nodes (they have fake
-implementations and `register_autograd`). Eager mode does not pay the ~70 us custom-op dispatch per
-call: `BatchNormFunction` calls the same implementation functions through one autograd.Function.
-Either way `implementation(x)` picks the module that does the work (the dispatch table below), so
-the math exists once per kernel family.
+Which backend computes a call is decided once, by `dispatch.choose` (torch's aten kernel, the
+composite torch ops, or one of the kernel families below). The kernel families (`cpu`: Numba,
+`cuda`: Triton, `native`: torch ops) implement these three ops. Eager mode does not pay the ~70 us
+custom-op dispatch per call: `BatchNormFunction` calls the chosen family's functions through one
+autograd.Function. Compiled with a kernel backend forced, the custom ops are what torch.compile
+and torch.export see (single opaque nodes with fake implementations and `register_autograd`),
+and `implementation(x)` picks their family.
+
+The closed-form backward is not itself differentiable. When a graph of the backward is asked for
+(create_graph=True: gradient penalties, MAML, Hessian-vector products) or its gradient is batched
+(is_grads_batched=True), the backward recomputes the forward with the composite torch ops and
+differentiates that (`_differentiable_backward`): never a gradient without its graph.
 
 With `training=True`, `mean` and `invstd` are the batch statistics of `x` itself, so the backward is
 the closed form that differentiates through them (DESIGN.md, "The kernel boundary"); with
@@ -36,12 +43,10 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def implementation(x: Tensor) -> ModuleType:
-    """The dispatch table (device x dtype x layout): which module computes batch norm for `x`.
-
-    CPU fp32/fp64, contiguous or channels-last: the Numba kernels (`cpu`, imported on first use
-    so that importing batchnorm does not import Numba). CUDA: the Triton kernels where they
-    apply. Everything else: `native`.
-    """
+    """The kernel family of the custom ops for `x` (device x dtype x layout): the Numba kernels
+    for CPU fp32/fp64, contiguous or channels-last (`cpu`, imported on first use so that
+    importing batchnorm does not import Numba); the Triton kernels for the CUDA tensors they
+    take; `native` for everything else."""
     if x.device.type == "cpu" and x.dtype in _CPU_DTYPES:
         if (cpu := _cpu_kernels()).supports(x):
             return cpu
@@ -50,22 +55,19 @@ def implementation(x: Tensor) -> ModuleType:
     return native
 
 
-def fused_activations(x: Tensor) -> tuple[str, ...]:
-    """The activations that `implementation(x)` fuses into its kernels at a profit; functional
-    applies the others as torch ops after a kernel without one."""
-    return getattr(implementation(x), "FUSED_ACTIVATIONS", ACTIVATIONS)
+def kernel_family(backend: str) -> ModuleType:
+    """The module of a kernel backend of `dispatch.KERNEL_BACKENDS`."""
+    if backend == "numba":
+        return _cpu_kernels()
+    if backend == "triton":
+        return _cuda()
+    return native
 
 
-def update_running_stats(running_mean: Tensor, running_var: Tensor,
-                         num_batches_tracked: Tensor | None, count: Tensor, mean: Tensor,
-                         m2: Tensor, momentum: float | None) -> bool | None:
-    """Eager fast path of `functional.update_running_stats` (the rule lives there): whether the
-    batch statistics were finite and applied, or None where no kernel applies (the caller then
-    runs its torch ops)."""
-    if mean.device.type != "cpu" or mean.dtype not in _CPU_DTYPES:
-        return None
-    return _cpu_kernels().update_running_stats(running_mean, running_var, num_batches_tracked,
-                                               count, mean, m2, momentum)
+def fused_activations(family: ModuleType) -> tuple[str, ...]:
+    """The activations that a kernel family fuses at a profit; functional applies the others as
+    torch ops after a kernel without one."""
+    return getattr(family, "FUSED_ACTIVATIONS", ACTIVATIONS)
 
 
 def _cpu_kernels() -> ModuleType:
@@ -103,13 +105,15 @@ def _stats_fake(x):
 
 @torch.library.custom_op("batchnorm::forward", mutates_args=())
 def forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
-            z: Tensor | None, act: str, act_param: float, training: bool) -> Tensor:
-    """y = act(weight * (x - mean) * invstd + bias (+ z))."""
+            z: Tensor | None, act: str, act_param: float, training: bool, eps: float) -> Tensor:
+    """y = act(weight * (x - mean) * invstd + bias (+ z)); with `training`, mean and invstd are
+    x's batch statistics (invstd formed with `eps`), and the backward differentiates through
+    them."""
     return implementation(x).forward(x, mean, invstd, weight, bias, z, act, act_param)
 
 
 @forward.register_fake
-def _forward_fake(x, mean, invstd, weight, bias, z, act, act_param, training):
+def _forward_fake(x, mean, invstd, weight, bias, z, act, act_param, training, eps):
     return torch.empty_like(x)
 
 
@@ -140,18 +144,21 @@ def _backward_fake(dy, x, mean, invstd, weight, bias, z, y, act, act_param, trai
 
 
 def _forward_setup_context(ctx, inputs, output):
-    x, mean, invstd, weight, bias, z, act, act_param, training = inputs
+    x, mean, invstd, weight, bias, z, act, act_param, training, eps = inputs
     ctx.save_for_backward(x, mean, invstd, weight, bias, z,
                           output if act in OUTPUT_SAVING_ACTIVATIONS else None)
-    ctx.act, ctx.act_param, ctx.training = act, act_param, training
+    ctx.act, ctx.act_param, ctx.training, ctx.eps = act, act_param, training, eps
+    ctx.tensor_slots = (0, 3, 4, 5)  # x, weight, bias, z among the op's arguments
 
 
 def _forward_backward(ctx, dy):
     x, mean, invstd, weight, bias, z, y = ctx.saved_tensors
+    if torch.is_grad_enabled() or not _plain(dy):
+        return _differentiable_backward(ctx, dy, x, mean, invstd, weight, bias, z)
     needs = ctx.needs_input_grad
     dx, dweight, dbias, dz = backward(dy, x, mean, invstd, weight, bias, z, y, ctx.act,
                                       ctx.act_param, ctx.training, None, None, None, needs[0])
-    return _grads_for_inputs(needs, (3, 4, 5), weight, bias, dx, dweight, dbias, dz) + (None,) * 3
+    return _grads_for_inputs(needs, (3, 4, 5), weight, bias, dx, dweight, dbias, dz) + (None,) * 4
 
 
 torch.library.register_autograd("batchnorm::forward", _forward_backward,
@@ -173,37 +180,76 @@ def _grads_for_inputs(needs, param_slots, weight, bias, dx, dweight, dbias, dz):
 
 # ---- eager path: one autograd.Function call per layer call, no custom-op dispatch ---------
 
+def _plain(t: Tensor) -> bool:
+    """Whether `t` holds its own data: not a subclass, a torch.func wrapper, or the batched
+    gradient of is_grads_batched=True (the legacy vmap's Batched key)."""
+    return (type(t) is Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+            and not torch._C._functorch.is_legacy_batchedtensor(t))
+
+
+def _differentiable_backward(ctx, dy, x, mean, invstd, weight, bias, z):
+    """The gradients as autograd computes them through the composite forward (`native`), so
+    that they carry their own graph (create_graph=True) or batch with dy (is_grads_batched)."""
+    create_graph = torch.is_grad_enabled()
+    needs = ctx.needs_input_grad
+    slots = [(slot, t) for slot, t in zip(ctx.tensor_slots, (x, weight, bias, z))
+             if t is not None and needs[slot]]
+    with torch.enable_grad():
+        leaves = [t if t.requires_grad else t.detach().requires_grad_() for _, t in slots]
+        inputs = dict(zip((slot for slot, _ in slots), leaves))
+        xi = inputs.get(ctx.tensor_slots[0], x)
+        wi, bi, zi = (inputs.get(slot, t) for slot, t in zip(ctx.tensor_slots[1:],
+                                                                (weight, bias, z)))
+        if ctx.training:
+            y = native.composite_train(xi, wi, bi, zi, ctx.eps, ctx.act, ctx.act_param)[0]
+        else:
+            y = native.forward(xi, mean, invstd, wi, bi, zi, ctx.act, ctx.act_param)
+        grads = torch.autograd.grad(y, leaves, dy, create_graph=create_graph, allow_unused=True)
+    result = [None] * len(needs)
+    for (slot, t), grad in zip(slots, grads):
+        result[slot] = torch.zeros_like(t) if grad is None else grad
+    return tuple(result)
+
+
 class BatchNormFunction(torch.autograd.Function):
-    """Eager batch norm, returning y. Training (`mean is None`): fused statistics +
-    normalization, and the batch's (count, mean, m2) appended to the list `stats`. Eval:
-    normalization with the given statistics (`stats` unused).
+    """Eager batch norm on a kernel family (`family`), returning y. Training (`mean is None`):
+    fused statistics + normalization, and the batch's (count, mean, m2) appended to the list
+    `stats`. Eval: normalization with the given statistics (`stats` unused).
 
     The statistics leave through a list, not as outputs: each output of an autograd.Function
     costs its call and its backward (measured with cold caches, as after a large kernel: 91 us
     for one output, 149 us for y and four non-differentiable statistics)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, z, mean, invstd, eps, act, act_param, stats):
-        impl = implementation(x)
+    def forward(ctx, x, weight, bias, z, mean, invstd, eps, act, act_param, stats, family):
         training = mean is None
         if training:
-            y, count, mean, m2, invstd = impl.train_forward(x, weight, bias, z, eps, act, act_param)
+            y, count, mean, m2, invstd = family.train_forward(x, weight, bias, z, eps, act,
+                                                              act_param)
             stats.extend((count, mean, m2))
         else:
-            y = impl.forward(x, mean, invstd, weight, bias, z, act, act_param)
-        ctx.save_for_backward(x, mean, invstd, weight, bias, z,
-                              y if act in OUTPUT_SAVING_ACTIVATIONS else None)
-        ctx.act, ctx.act_param, ctx.training = act, act_param, training
+            y = family.forward(x, mean, invstd, weight, bias, z, act, act_param)
+        _save(ctx, x, mean, invstd, weight, bias, z, y, eps, act, act_param, training, family)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, mean, invstd, weight, bias, z, y = ctx.saved_tensors
+        if torch.is_grad_enabled() or not _plain(dy):
+            return _differentiable_backward(ctx, dy, x, mean, invstd, weight, bias, z)
         needs = ctx.needs_input_grad
-        dx, dweight, dbias, dz = implementation(x).backward(
+        dx, dweight, dbias, dz = ctx.family.backward(
             dy, x, mean, invstd, weight, bias, z, y, ctx.act, ctx.act_param, ctx.training,
             None, None, None, needs[0])
-        return _grads_for_inputs(needs, (1, 2, 3), weight, bias, dx, dweight, dbias, dz) + (None,) * 6
+        return _grads_for_inputs(needs, (1, 2, 3), weight, bias, dx, dweight, dbias, dz) + (None,) * 7
+
+
+def _save(ctx, x, mean, invstd, weight, bias, z, y, eps, act, act_param, training, family):
+    ctx.save_for_backward(x, mean, invstd, weight, bias, z,
+                          y if act in OUTPUT_SAVING_ACTIVATIONS else None)
+    ctx.eps, ctx.act, ctx.act_param, ctx.training, ctx.family = (eps, act, act_param, training,
+                                                                 family)
+    ctx.tensor_slots = (0, 1, 2, 3)  # x, weight, bias, z among the Function's arguments
 
 
 class BatchStatsNormFunction(BatchNormFunction):
@@ -213,14 +259,12 @@ class BatchStatsNormFunction(BatchNormFunction):
     by r and d, which depend on them), so the fused stats-and-normalize of `BatchNormFunction`
     does not fit. This normalizes with the given `mean`/`invstd` of `x` and, like the `forward` op
     with training=True, differentiates through them as batch statistics in the backward (the
-    inherited one). `eps` and `stats` are unused: they keep `BatchNormFunction`'s arguments, so
-    the backward's gradient slots stay the same.
+    inherited one). `stats` is unused: it keeps `BatchNormFunction`'s arguments, so the
+    backward's gradient slots stay the same.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, z, mean, invstd, eps, act, act_param, stats):
-        y = implementation(x).forward(x, mean, invstd, weight, bias, z, act, act_param)
-        ctx.save_for_backward(x, mean, invstd, weight, bias, z,
-                              y if act in OUTPUT_SAVING_ACTIVATIONS else None)
-        ctx.act, ctx.act_param, ctx.training = act, act_param, True
+    def forward(ctx, x, weight, bias, z, mean, invstd, eps, act, act_param, stats, family):
+        y = family.forward(x, mean, invstd, weight, bias, z, act, act_param)
+        _save(ctx, x, mean, invstd, weight, bias, z, y, eps, act, act_param, True, family)
         return y

@@ -249,7 +249,8 @@ def _after_fork_in_child() -> None:
     _forked = True
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork to guard against
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _openmp_team() -> _OpenMPTeam | None:
@@ -434,44 +435,6 @@ def _batch_stats(x: Tensor, z: Tensor | None, y: Tensor | None, weight: Tensor |
         _run("nchw_train_forward", [(xf, zf, yf, p, c, s, w, b, *flags, eps_t, one, code, kv,
                                      st_np, lo, hi) for lo, hi in _ranges(c, numel)])
     return st
-
-
-# An empty array of each dtype, the `like` argument of the loops that take tensors by address.
-EMPTY_OF = {torch.float32: np.zeros(0, np.float32), torch.float64: np.zeros(0, np.float64)}
-
-
-def update_running_stats(running_mean: Tensor, running_var: Tensor,
-                         num_batches_tracked: Tensor | None, count: Tensor, mean: Tensor,
-                         m2: Tensor, momentum: float | None) -> bool | None:
-    """`functional.update_running_stats`'s rule in one Numba call: whether the statistics were
-    finite (and so applied), or None when the tensors are not contiguous 1-d CPU tensors of one
-    dtype and length (the caller then runs the torch ops). Why: right after a large kernel the
-    caches are cold, and the update's ~10 small torch ops took ~400 us there, this ~50 us."""
-    dtype = mean.dtype
-    channels = mean.shape[0]
-    like = EMPTY_OF.get(dtype)
-    if like is None:
-        return None
-    for t in (running_mean, running_var, count, mean, m2):
-        if (t.dtype is not dtype or not t.is_cpu or t.ndim != 1 or t.shape[0] != channels
-                or not t.is_contiguous() or t.requires_grad):
-            return None
-    tracked_at = 0
-    if num_batches_tracked is not None:
-        if (num_batches_tracked.dtype is not torch.int64 or num_batches_tracked.numel() != 1
-                or not num_batches_tracked.is_cpu):
-            return None
-        tracked_at = num_batches_tracked.data_ptr()
-    if not cpu_loops.update_running_stats_at(
-            running_mean.data_ptr(), running_var.data_ptr(), tracked_at, count.data_ptr(),
-            mean.data_ptr(), m2.data_ptr(), channels, -1.0 if momentum is None else momentum,
-            like):
-        return False
-    # The in-place writes went around autograd's version counters: bump them, as lerp_ would.
-    written = (running_mean, running_var)
-    torch.autograd.graph.increment_version(
-        written if num_batches_tracked is None else written + (num_batches_tracked,))
-    return True
 
 
 def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,9 +26,8 @@ from typing import BinaryIO
 import numpy as np
 
 import numba
-from numba import carray, njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba import njit, types
+from numba.extending import overload
 
 def _choose_cache_dir() -> None:
     """Numba caches next to this file; a read-only install (site-packages owned by root, a zip,
@@ -857,62 +856,3 @@ def compile_signatures(stream: BinaryIO, marker: str) -> None:
     with open(f"{marker}.{os.getpid()}", "w"):
         pass
     os.replace(f"{marker}.{os.getpid()}", marker)
-
-
-# ---- (C,) vectors by address --------------------------------------------------------------
-# The per-step calls on per-channel vectors (the running-statistics update, the small path's
-# check) take the tensors as the addresses of their memory: Tensor.numpy() costs ~1.5 us, and
-# ~7 us with the caches cold after a large kernel, and those calls made five or six of them.
-
-@intrinsic
-def _pointer(typingctx, address):
-    """An int address as a void pointer, for numba.carray."""
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-    return types.voidptr(address), codegen
-
-
-@njit(**_INLINE)
-def vector_at(address, length, like):
-    """The `length` values of like's dtype at `address` (a contiguous tensor's data_ptr()), as an
-    array; (0,) when address is 0. (No np.zeros for the empty case: it costs its own compile.)"""
-    return carray(_pointer(address), (0 if address == 0 else length,), like.dtype)
-
-
-_INT64 = np.zeros(0, np.int64)
-
-
-@njit(**_INLINE)
-def counter_at(address):
-    """The int64 at `address` (num_batches_tracked's data_ptr()) as a (1,) array; (0,) when
-    address is 0."""
-    return vector_at(address, 1, _INT64)
-
-
-@njit(cache=True, nogil=True)
-def update_running_stats_at(running_mean_at, running_var_at, tracked_at, count_at, mean_at,
-                            m2_at, channels, momentum, like):
-    # `update_running_stats` on contiguous (C,) tensors given by address, all in like's dtype
-    # (tracked: one int64, or 0 when absent).
-    return update_running_stats(
-        vector_at(running_mean_at, channels, like), vector_at(running_var_at, channels, like),
-        counter_at(tracked_at), vector_at(count_at, channels, like),
-        vector_at(mean_at, channels, like), vector_at(m2_at, channels, like), momentum)
-
-
-@njit(cache=True, nogil=True)
-def update_running_stats(running_mean, running_var, tracked, count, mean, m2, momentum):
-    # running_mean/var (C,) and tracked (0 or 1,) in place; count, mean, m2 (C,) the batch
-    # statistics. The rule of `functional.update_running_stats`: lerp towards mean and
-    # m2/(count - 1) by momentum, or (momentum < 0) by 1/num_batches_tracked after the
-    # increment. Returns False and writes nothing when a statistic is not finite.
-    for c in range(mean.shape[0]):
-        if not (np.isfinite(mean[c]) and np.isfinite(m2[c])):
-            return False
-    for i in range(tracked.shape[0]):
-        tracked[i] += 1
-    factor = momentum if momentum >= 0.0 else 1.0 / tracked[0]
-    for c in range(mean.shape[0]):
-        running_mean[c] += factor * (mean[c] - running_mean[c])
-        running_var[c] += factor * (m2[c] / (count[c] - 1) - running_var[c])
-    return True

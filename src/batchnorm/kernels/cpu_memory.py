@@ -77,7 +77,8 @@ def _after_fork_in_child() -> None:
     _lock = threading.RLock()  # a thread of the parent may have held it at the fork
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork to guard against
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def empty_like(x: Tensor) -> Tensor:

@@ -547,28 +547,27 @@ def path_key(x: Tensor) -> tuple[str, str, str]:
             "split" if plan.fused is None else "fused")
 
 
-def load_fallback(path: Path = RESULTS) -> frozenset[tuple[str, str, str]]:
-    """The classes (`path_key`) that stay on the native path: those whose median speedup over
-    eager PyTorch, across the training cases `benchmarks/kernels_cuda.py` measured for them
-    (train fwd, fwd+bwd, BN+ReLU fwd+bwd), is below 1. No results file: an empty table."""
+def load_wins(path: Path = RESULTS) -> frozenset[tuple[str, str, str]]:
+    """The classes (`path_key`) the dispatch sends here: those whose median speedup over eager
+    PyTorch, across the training cases `benchmarks/kernels_cuda.py` measured for them (train fwd,
+    fwd+bwd, BN+ReLU fwd+bwd), is at least 1. No results file (the kernels have not run on a GPU
+    yet): none, and CUDA runs torch's kernels unless `use_backend("triton")` asks for these."""
     if not path.exists():
         return frozenset()
     speedups = defaultdict(list)
     for case in json.loads(path.read_text())["cases"]:
         speedups[tuple(case["class"])].append(case["speedup"])
-    return frozenset(key for key, values in speedups.items() if statistics.median(values) < 1.0)
+    return frozenset(key for key, values in speedups.items() if statistics.median(values) >= 1.0)
 
 
-FALLBACK = load_fallback()
+WINS = load_wins()
 
 
 def supports(x: Tensor) -> bool:
     """Whether the Triton path takes x: fp32/fp16/bf16, non-empty, at most 65535 channels (a grid
-    axis limit) with fewer than 2^31 values each (int32 row indices), and not in a class the
-    benchmark table sends back to native (`FALLBACK`)."""
+    axis limit) with fewer than 2^31 values each (int32 row indices)."""
     return (x.dtype in DTYPES and x.numel() > 0 and x.shape[1] <= 65535
-            and x.numel() // x.shape[1] < 2**31
-            and (not FALLBACK or path_key(x) not in FALLBACK))
+            and x.numel() // x.shape[1] < 2**31)
 
 
 # ---- the functions `implementation()` dispatches to (same contract as `native`) -----------------

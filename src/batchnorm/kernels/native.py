@@ -129,6 +129,23 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tens
     return forward(x, mean, invstd, weight, bias, z, act, act_param), count, mean, m2, invstd
 
 
+def composite_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tensor | None,
+                    eps: float, act: str, act_param: float
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training batch norm in plain differentiable torch ops: (y, count, mean, m2).
+
+    y = act(weight * (x - mean) * rsqrt(var + eps) + bias (+ z)) with the batch statistics of x,
+    and autograd differentiates through them: every order, forward mode, torch.func, vmap, meta
+    tensors and tracers work, and torch.compile sees what inductor fuses. `torch.var_mean`
+    (Welford on the CPU and in inductor's code) keeps |mean| >> std exact. The statistics are
+    returned without gradient, for the running-statistics update.
+    """
+    var, mean = torch.var_mean(x.to(accumulation_dtype(x.dtype)), reduce_dims(x), correction=0)
+    y = forward(x, mean, torch.rsqrt(var + eps), weight, bias, z, act, act_param)
+    count = torch.full_like(mean, x.numel() // x.shape[1]).detach()
+    return y, count, mean.detach(), (var * count).detach()
+
+
 def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
              bias: Tensor | None, z: Tensor | None, y: Tensor | None, act: str, act_param: float,
              training: bool, count: Tensor | None, sum_dy: Tensor | None,

@@ -1,0 +1,155 @@
+"""The rules of batch norm's running statistics, in one place: every path and tool applies these.
+
+Kernels return a batch's per-channel (count, mean, m2) (m2 = sum of squared deviations); what
+becomes of them is decided here (Ioffe & Szegedy 2015, arXiv 1502.03167, Algorithm 2, and
+torch.nn's conventions):
+
+- normalize with the biased variance m2/M; store the unbiased m2/(M-1) in `running_var`;
+- `momentum` float: r <- (1 - momentum) r + momentum * batch; `momentum=None`: the cumulative
+  average, factor 1/num_batches_tracked counting this batch;
+- a batch whose new running statistics would not be finite (NaN or Inf in the input, or a
+  variance beyond the buffer dtype's range, e.g. > 65504 in fp16) changes nothing and warns once
+  per layer; under torch.compile, or on tensors without data (meta, fake), the same guard is a
+  branch-free `torch.where`;
+- an empty batch (N=0) changes nothing; training on one value per channel is an error.
+
+`functional`, `nn` and `tools.recalibrate` call `update_running_stats`; nothing else writes the
+buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+import weakref
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_momentum", "check_eps", "momentum_factor", "unbiased_variance",
+           "update_running_stats", "one_value_error", "ONE_VALUE_FIX"]
+
+ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
+
+_warned_nonfinite: "weakref.WeakSet[object]" = weakref.WeakSet()
+
+
+def check_momentum(momentum: float | None, name: str) -> None:
+    if momentum is not None and not (isinstance(momentum, (int, float))
+                                     and not isinstance(momentum, bool)
+                                     and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{name}: momentum must be a float in [0, 1] or None (cumulative average), "
+                         f"got {momentum!r}")
+
+
+def check_eps(eps: float, name: str) -> None:
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
+        raise ValueError(f"{name}: eps must be a positive float, got {eps!r}")
+
+
+def one_value_error(name: str, got: str, fix: str = ONE_VALUE_FIX) -> ValueError:
+    return ValueError(f"{name}: training needs more than one value per channel (got {got}); {fix}")
+
+
+def unbiased_variance(count: Tensor, m2: Tensor) -> Tensor:
+    """m2 / (count - 1): Bessel's correction, what `running_var` stores."""
+    return m2 / (count - 1)
+
+
+def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None,
+                    dtype: torch.dtype = torch.float32) -> float | Tensor:
+    """How far the running statistics move towards the batch's: `momentum`, or for None the
+    cumulative average's 1/num_batches_tracked (read after this batch's increment), in `dtype`."""
+    if momentum is not None:
+        return momentum
+    return num_batches_tracked.clamp_min(1).to(dtype).reciprocal()
+
+
+def _has_data(t: Tensor) -> bool:
+    return not (t.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(t)
+                or type(t) is not Tensor)
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor,
+                         num_batches_tracked: Tensor | None, count: Tensor, mean: Tensor,
+                         m2: Tensor, momentum: float | None, name: str = "batch_norm",
+                         warn_key: object | None = None) -> None:
+    """Fold one batch's per-channel (count, mean, m2) into the running statistics, in place.
+
+    The new values are formed in fp32 (fp64 for fp64 buffers) and checked after the cast to the
+    buffers' dtype, so neither a non-finite batch nor an overflowing one is ever stored.
+    num_batches_tracked counts the batches applied.
+    """
+    acc = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
+    compiling = torch.compiler.is_compiling()
+    with torch.no_grad(), contextlib.nullcontext() if compiling else _outside_functorch():
+        if not compiling:
+            mean, m2, count = _plain(mean), _plain(m2), _plain(count)
+        mean, m2, count = mean.to(acc), m2.to(acc), count.to(acc)
+        branch_free = compiling or torch.jit.is_tracing() or not _has_data(running_mean)
+        if num_batches_tracked is not None and momentum is None:
+            tracked = num_batches_tracked + 1
+            factor = momentum_factor(None, tracked, acc)
+        else:
+            tracked = None
+            factor = momentum
+        new_mean = torch.lerp(running_mean.to(acc), mean, factor).to(running_mean.dtype)
+        new_var = torch.lerp(running_var.to(acc), unbiased_variance(count, m2),
+                             factor).to(running_var.dtype)
+        finite = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+        if branch_free:
+            running_mean.copy_(torch.where(finite, new_mean, running_mean))
+            running_var.copy_(torch.where(finite, new_var, running_var))
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+            return
+        if not finite:
+            _warn_nonfinite(name, warn_key)
+            return
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+
+
+def _outside_functorch():
+    """Where the update runs under a torch.func transform (grad, jvp): outside it, as aten's
+    batch norm updates torch.nn's buffers. The running statistics are captured buffers that the
+    transform does not track, and it refuses in-place writes into them."""
+    if not torch._C._are_functorch_transforms_active():
+        return contextlib.nullcontext()
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+    return temporarily_clear_interpreter_stack()
+
+
+def _plain(t: Tensor) -> Tensor:
+    """The value of a statistic computed under a torch.func transform, as a plain tensor.
+    Statistics carry no gradient, so unwrapping loses nothing. A batched (vmap) statistic has one
+    value per sample and no single update: the caller refuses that."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def _warn_nonfinite(name: str, warn_key: object | None) -> None:
+    """Warn once per `warn_key`, pointing at the user's call (outside this package)."""
+    if warn_key is not None:
+        if warn_key in _warned_nonfinite:
+            return
+        _warned_nonfinite.add(warn_key)
+    warnings.warn(
+        f"{name}: the batch statistics are not finite or overflow the running statistics' dtype "
+        f"(NaN or Inf in the input, or a variance too large for it), so the running statistics "
+        f"were left unchanged; find the input with torch.autograd.set_detect_anomaly(True) or a "
+        f"forward pre-hook checking torch.isfinite(input).all()", RuntimeWarning,
+        stacklevel=_stacklevel())
+
+
+def _stacklevel() -> int:
+    """The stack level of the first frame outside batchnorm (and torch.nn's Module call)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_globals.get("__name__", "").startswith("batchnorm")
+                                 or frame.f_globals.get("__name__", "").startswith("torch.nn")):
+        frame, level = frame.f_back, level + 1
+    return level
