@@ -127,9 +127,9 @@ def main(argv=None):
     model = "ResNetConfig({})".format(
         ", ".join(f"{k}={v!r}" for k, v in CONFIG[args.quick].items()))
     print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads, "
-          f"{model}, batch {args.batch}x3x{args.size}x{args.size}; first call of torch.compile(model) "
-          f"in a fresh process with an empty Inductor cache; ratio = ours / torch (> 1: ours "
-          f"compiles slower); load average {info['loadavg_start'][0]:.1f}")
+          f"{model}, batch {args.batch}x3x{args.size}x{args.size}; first call of "
+          f"torch.compile(model) in a fresh process with an empty Inductor cache; ratio = ours / "
+          f"torch (> 1: ours compiles slower); load average {info['loadavg_start'][0]:.1f}")
     header = (f"{'mode':<6} {'torch s':>8} {'ours s':>8} {'ratio':>6} {'torch later ms':>15} "
               f"{'ours later ms':>14}")
     print(header)
@@ -142,12 +142,12 @@ def main(argv=None):
                     "threads": args.threads, "quick": args.quick}
             result[variant] = measure(spec, args.timeout)
             rows.append({"mode": mode, "variant": variant, **result[variant]})
-        if all(r["status"] == "ok" for r in result.values()):
-            summary[f"ratio ours/torch, {mode}"] = (result["ours"]["first_call_s"]
-                                                    / result["torch"]["first_call_s"])
-            print(f"{mode:<6} {result['torch']['first_call_s']:8.1f} "
-                  f"{result['ours']['first_call_s']:8.1f} {summary[f'ratio ours/torch, {mode}']:6.2f} "
-                  f"{result['torch']['later_call_ms']:15.1f} {result['ours']['later_call_ms']:14.1f}",
+        torch_, ours = result["torch"], result["ours"]
+        if torch_["status"] == ours["status"] == "ok":
+            ratio = summary[f"ratio ours/torch, {mode}"] = (ours["first_call_s"]
+                                                            / torch_["first_call_s"])
+            print(f"{mode:<6} {torch_['first_call_s']:8.1f} {ours['first_call_s']:8.1f} "
+                  f"{ratio:6.2f} {torch_['later_call_ms']:15.1f} {ours['later_call_ms']:14.1f}",
                   flush=True)
         else:
             print(f"{mode:<6} " + "; ".join(f"{v}: {r['status']}" for v, r in result.items()

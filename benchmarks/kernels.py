@@ -1,6 +1,7 @@
 """Batch-norm kernels vs torch.nn eager on CPU: one table of medians per kind of input data.
 
-    .venv/bin/python benchmarks/kernels.py [--runs 15] [--threads 2] [--data all] [--quick] [--out PATH]
+    .venv/bin/python benchmarks/kernels.py [--runs 15] [--threads 2] [--data all] [--quick]
+                                           [--out PATH]
 
 For every case (data kind x shape x layout x mode) `setup` builds the inputs once; the speed of
 `ours` (batchnorm's layers / functional) and `torch` (torch.nn.BatchNorm*, followed by torch.relu
@@ -258,7 +259,8 @@ def main(argv=None):
           f"{args.threads} threads, medians of {args.runs} runs ({args.runs * SMALL_RUNS_FACTOR} for "
           f"the small cases); ratio = torch / ours (> 1: ours faster); floor = minimal passes at "
           f"this run's copy bandwidth of a tensor of the case's size, DRAM = at the copy bandwidth "
-          f"of a {info['dram_copy']['bytes'] >> 20} MB tensor ({info['dram_copy']['GB_per_s']:.1f} GB/s moved); "
+          f"of a {info['dram_copy']['bytes'] >> 20} MB tensor "
+          f"({info['dram_copy']['GB_per_s']:.1f} GB/s moved); "
           f"min ratio = ratio of the fastest runs (less sensitive to other processes on the "
           f"cores); load average {info['loadavg_start'][0]:.1f}")
     rows, summaries = [], {}

@@ -3,16 +3,17 @@
     .venv/bin/python benchmarks/models.py [--runs 15] [--threads 2] [--batch 16] [--size 64]
                                           [--quick] [--out PATH]
 
-Models from transformers configs, random init, built offline: ResNet-18, MobileNetV2 and
-EfficientNet-B0, each with a 10-class head (cross-entropy on fixed random labels). For each model
-and layout (NCHW, channels-last) three copies of the same weights run interleaved in one loop:
-`torch` (torch.nn.BatchNorm2d, as transformers builds it), `batchnorm`
-(`batchnorm.convert(model, to="batchnorm")`) and `act` (`convert(to="act")`: the activation
-after each batch norm fused into it). A step is forward, loss, backward, SGD step and zero_grad.
-Medians of --runs steps after 3 warm-up steps (the first call of our kernels compiles or loads
-them from Numba's cache); ratio = torch / ours (> 1: ours faster), ratio of fastest = the same
-for the fastest step of each. Results go to results/models-cpu.json with the machine
-description; --quick (MobileNetV2 only, batch 8, 32x32, 5 runs) writes only with --out.
+Models from transformers configs, random init, built offline: ResNet-10 (ResNet-18's basic
+blocks, one per stage), MobileNetV2 and EfficientNet-B0, each with a 10-class head
+(cross-entropy on fixed random labels). For each model and layout (NCHW, channels-last) three
+copies of the same weights run interleaved in one loop: `torch` (torch.nn.BatchNorm2d, as
+transformers builds it), `batchnorm` (`batchnorm.convert(model, to="batchnorm")`) and `act`
+(`convert(to="act")`: the activation after each batch norm fused into it). A step is forward,
+loss, backward, SGD step and zero_grad. Medians of --runs steps after 3 warm-up steps (the first
+call of our kernels compiles or loads them from Numba's cache); ratio = torch / ours (> 1: ours
+faster), ratio of fastest = the same for the fastest step of each. Results go to
+results/models-cpu.json with the machine description; --quick (MobileNetV2 only, batch 8, 32x32,
+5 runs) writes only with --out.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def build(name):
     import transformers as tf
 
     configs = {
-        "ResNet-18": lambda: tf.ResNetForImageClassification(tf.ResNetConfig(
-            layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
+        # ResNet-18's blocks and widths, one block a stage: a step stays well under a second.
+        "ResNet-10": lambda: tf.ResNetForImageClassification(tf.ResNetConfig(
+            layer_type="basic", depths=[1, 1, 1, 1], hidden_sizes=[64, 128, 256, 512],
             num_labels=LABELS)),
         "MobileNetV2": lambda: tf.MobileNetV2ForImageClassification(tf.MobileNetV2Config(
             num_labels=LABELS)),
@@ -89,7 +91,7 @@ def main(argv=None):
     parser.add_argument("--out", help="results file (default: results/models-cpu.json, none "
                                       "with --quick)")
     args = parser.parse_args(argv)
-    names = ["ResNet-18", "MobileNetV2", "EfficientNet-B0"]
+    names = ["ResNet-10", "MobileNetV2", "EfficientNet-B0"]
     if args.quick:
         names, args.batch, args.size, args.runs = ["MobileNetV2"], 8, 32, 5
     out = args.out or (None if args.quick else os.path.join(
