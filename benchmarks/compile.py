@@ -120,8 +120,7 @@ def main(argv=None):
     if args.quick:
         modes, args.batch, args.size = ("eval",), 8, 32
     args.timeout = args.timeout or (240 if args.quick else 1800)
-    out = args.out or (None if args.quick else os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", "compile-cpu.json"))
+    out = bench.results_path(args.out, args.quick, "compile-cpu.json")
     info = bench.machine()
     info["threads"] = args.threads
     model = "ResNetConfig({})".format(

@@ -246,8 +246,7 @@ def main(argv=None):
     parser.add_argument("--out", help="results file (default: results/kernels-cpu.json, none "
                                       "with --quick)")
     args = parser.parse_args(argv)
-    out = args.out or (None if args.quick else os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", "kernels-cpu.json"))
+    out = results_path(args.out, args.quick, "kernels-cpu.json")
     kinds = list(DATA) if "all" in args.data else [k for k in DATA if k in args.data]
     torch.set_num_threads(args.threads)
     info = machine()
@@ -325,6 +324,12 @@ def print_versus(versus):
         print(f"{case:<44}" + "".join(f" {by_kind[k]:12.2f}" for k in kinds))
     print(f"{'median':<44}" + "".join(
         f" {statistics.median(v[k] for v in versus.values()):12.2f}" for k in kinds))
+
+
+def results_path(out, quick, name):
+    """Where a run writes: --out if given, else results/`name`; a --quick run only to --out."""
+    return out or (None if quick else os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", name))
 
 
 def write_results(path, info, **fields):

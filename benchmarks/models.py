@@ -94,8 +94,7 @@ def main(argv=None):
     names = ["ResNet-10", "MobileNetV2", "EfficientNet-B0"]
     if args.quick:
         names, args.batch, args.size, args.runs = ["MobileNetV2"], 8, 32, 5
-    out = args.out or (None if args.quick else os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", "models-cpu.json"))
+    out = bench.results_path(args.out, args.quick, "models-cpu.json")
     torch.set_num_threads(args.threads)
     info = bench.machine()
     print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads, "
