@@ -19,6 +19,8 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/models.py
+	$(PY) benchmarks/compile.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
