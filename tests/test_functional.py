@@ -192,15 +192,23 @@ def test_overflowing_variance_leaves_running_statistics_alone():
     assert torch.equal(bn.running_var, torch.ones(4)) and bn.num_batches_tracked.item() == 0
 
 
-def test_half_precision_variance_beyond_its_range_is_not_stored():
-    """fp16 buffers hold at most 65504: a batch variance above that would be stored as inf (and
-    eval would then output zeros); the guard checks the value as stored."""
-    bn = batchnorm.BatchNorm1d(4).half()
+@pytest.mark.parametrize("backend", ["aten", "composite", "native"])
+def test_half_precision_variance_beyond_its_range_is_not_stored(backend):
+    """fp16 buffers hold at most 65504: a running variance above that would be stored as inf (and
+    eval would then output zeros); the guard checks the value as stored. With momentum 0.1 the
+    same batch moves the buffer to ~1.4e4, which fits and is stored."""
     x = (torch.randn(16, 4) * 400).half()  # variance ~1.6e5
-    with pytest.warns(RuntimeWarning, match=r"BatchNorm1d\(4\).*overflow"):
-        bn(x)
-    assert torch.equal(bn.running_var, torch.ones(4, dtype=torch.half))
-    assert bn.num_batches_tracked.item() == 0
+    overflowing = batchnorm.BatchNorm1d(4, momentum=None).half()
+    fitting = batchnorm.BatchNorm1d(4, momentum=0.1).half()
+    with batchnorm.use_backend(backend):
+        with pytest.warns(RuntimeWarning, match=r"BatchNorm1d\(4\).*overflow"):
+            overflowing(x)
+        fitting(x)
+    assert torch.equal(overflowing.running_var, torch.ones(4, dtype=torch.half))
+    assert overflowing.num_batches_tracked.item() == 0
+    expected = 0.9 + 0.1 * x.double().var(0)
+    torch.testing.assert_close(fitting.running_var.double(), expected, rtol=2e-3, atol=0)
+    assert fitting.num_batches_tracked.item() == 1
 
 
 @pytest.mark.parametrize("backend", ["aten", "numba"])

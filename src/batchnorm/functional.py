@@ -145,7 +145,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         return _normalize(backend, input, running_mean, running_var, weight, bias, residual, eps,
                           activation, negative_slope)
     _check_one_value(input.numel() // input.shape[1], _shape(input), name, ONE_VALUE_FIX)
-    backend = dispatch.choose(input, training=True, fused=fused, per_channel=(weight, bias))
+    backend = dispatch.choose(input, training=True, fused=fused,
+                              per_channel=(weight, bias, running_mean, running_var))
+    if training and running_mean is not None and backend == "aten" and _plain_eager(input):
+        y, new_mean, new_var = aten.train_updating(
+            input, weight, bias, residual, eps, activation, negative_slope, running_mean,
+            running_var, rules.momentum_value(momentum, num_batches_tracked))
+        rules.commit_running_stats(running_mean, running_var, num_batches_tracked, new_mean,
+                                   new_var, name, warn_key)
+        return y
     y, count, mean, m2 = _train(backend, input, weight, bias, residual, eps, activation,
                                 negative_slope)
     if training and running_mean is not None:
@@ -153,6 +161,11 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
     return y
+
+
+def _plain_eager(x: Tensor) -> bool:
+    """Neither compiling nor under a transform: torch's kernel may write scratch buffers."""
+    return not torch.compiler.is_compiling() and dispatch.transform(x) is None
 
 
 def _train(backend: str, x: Tensor, weight, bias, z, eps: float, act: str, act_param: float

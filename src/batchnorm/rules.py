@@ -13,8 +13,8 @@ torch.nn's conventions):
   branch-free `torch.where`;
 - an empty batch (N=0) changes nothing; training on one value per channel is an error.
 
-`functional`, `nn` and `tools.recalibrate` call `update_running_stats`; nothing else writes the
-buffers.
+`functional`, `nn` and `tools.recalibrate` call `update_running_stats` (the aten route, whose
+kernel forms the same update, `commit_running_stats`); nothing else writes the buffers.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import weakref
 import torch
 from torch import Tensor
 
-__all__ = ["check_momentum", "check_eps", "momentum_factor", "unbiased_variance",
-           "update_running_stats", "one_value_error", "ONE_VALUE_FIX"]
+__all__ = ["check_momentum", "check_eps", "momentum_factor", "momentum_value",
+           "unbiased_variance", "update_running_stats", "commit_running_stats", "one_value_error", "ONE_VALUE_FIX"]
 
 ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
 
@@ -72,62 +72,101 @@ def _has_data(t: Tensor) -> bool:
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor,
-                         num_batches_tracked: Tensor | None, count: Tensor, mean: Tensor,
+                         num_batches_tracked: Tensor | None, count: Tensor | int, mean: Tensor,
                          m2: Tensor, momentum: float | None, name: str = "batch_norm",
                          warn_key: object | None = None) -> None:
     """Fold one batch's per-channel (count, mean, m2) into the running statistics, in place.
 
     The new values are formed in fp32 (fp64 for fp64 buffers) and checked after the cast to the
-    buffers' dtype, so neither a non-finite batch nor an overflowing one is ever stored.
-    num_batches_tracked counts the batches applied.
+    buffers' dtype (`commit_running_stats`), so neither a non-finite batch nor an overflowing one
+    is ever stored. num_batches_tracked counts the batches applied.
     """
     acc = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
     compiling = torch.compiler.is_compiling()
-    with torch.no_grad(), contextlib.nullcontext() if compiling else _outside_functorch():
+    with _outside_functorch(compiling):
         if not compiling:
             mean, m2, count = _plain(mean), _plain(m2), _plain(count)
-        mean, m2, count = mean.to(acc), m2.to(acc), count.to(acc)
-        branch_free = compiling or torch.jit.is_tracing() or not _has_data(running_mean)
         if num_batches_tracked is not None and momentum is None:
-            tracked = num_batches_tracked + 1
-            factor = momentum_factor(None, tracked, acc)
+            factor = momentum_factor(None, num_batches_tracked + 1, acc)
         else:
-            tracked = None
             factor = momentum
-        new_mean = torch.lerp(running_mean.to(acc), mean, factor).to(running_mean.dtype)
-        new_var = torch.lerp(running_var.to(acc), unbiased_variance(count, m2),
-                             factor).to(running_var.dtype)
-        finite = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
-        if branch_free:
-            running_mean.copy_(torch.where(finite, new_mean, running_mean))
-            running_var.copy_(torch.where(finite, new_var, running_var))
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
-            return
-        if not finite:
-            _warn_nonfinite(name, warn_key)
-            return
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
+        new_mean = _stored(torch.lerp(_as(running_mean, acc), _as(mean, acc), factor),
+                           running_mean)
+        new_var = _stored(torch.lerp(_as(running_var, acc), _as(unbiased_variance(count, m2), acc),
+                                     factor), running_var)
+        commit_running_stats(running_mean, running_var, num_batches_tracked, new_mean, new_var,
+                             name, warn_key)
+
+
+def commit_running_stats(running_mean: Tensor, running_var: Tensor,
+                         num_batches_tracked: Tensor | None, new_mean: Tensor, new_var: Tensor,
+                         name: str = "batch_norm", warn_key: object | None = None) -> None:
+    """Store new running statistics (already in the buffers' dtype) if they are all finite, and
+    count the batch; else leave everything unchanged and warn once per `warn_key`.
+
+    Callers are `update_running_stats` and the aten route, where torch's kernel forms the same
+    update (`momentum_value`'s factor, Bessel's m/(m-1)) into scratch copies of the buffers,
+    because there the ~15 small tensor ops of forming it here would double a small batch's
+    step. On the CPU a skipped batch warns; elsewhere (CUDA, torch.compile, meta and fake
+    tensors) the guard is a branch-free `torch.where`, which needs no host synchronisation and so
+    cannot warn.
+    """
+    acc = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
+    # x - x is 0 for finite x and NaN for NaN or Inf, and 0 * v is NaN for non-finite v: one
+    # reduction checks both buffers (torch.isfinite costs several kernels).
+    check = torch.dot(_as(new_mean, acc) - _as(new_mean, acc), _as(new_var, acc))
+    if (torch.compiler.is_compiling() or running_mean.device.type != "cpu"
+            or not _has_data(running_mean)):
+        finite = check == 0
+        running_mean.copy_(torch.where(finite, new_mean, running_mean))
+        running_var.copy_(torch.where(finite, new_var, running_var))
         if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
+            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+        return
+    if check.item() != 0:
+        _warn_nonfinite(name, warn_key)
+        return
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
 
 
-def _outside_functorch():
+def momentum_value(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+    """`momentum_factor` as a Python float, for a kernel that applies the update itself (reads
+    num_batches_tracked from the device for momentum=None, as torch.nn does)."""
+    if momentum is not None:
+        return momentum
+    return 1.0 / (int(num_batches_tracked) + 1)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, detached: statistics carry no gradient (a Python check is cheaper than a no-op
+    cast, and a small batch's whole step costs tens of such calls)."""
+    t = t if t.dtype == dtype else t.to(dtype)
+    return t.detach() if t.requires_grad else t
+
+
+def _stored(value: Tensor, buffer: Tensor) -> Tensor:
+    """value rounded to the buffer's dtype: what the buffer would hold."""
+    return value if value.dtype == buffer.dtype else value.to(buffer.dtype)
+
+
+def _outside_functorch(compiling: bool):
     """Where the update runs under a torch.func transform (grad, jvp): outside it, as aten's
     batch norm updates torch.nn's buffers. The running statistics are captured buffers that the
     transform does not track, and it refuses in-place writes into them."""
-    if not torch._C._are_functorch_transforms_active():
+    if compiling or not torch._C._are_functorch_transforms_active():
         return contextlib.nullcontext()
     from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
     return temporarily_clear_interpreter_stack()
 
 
-def _plain(t: Tensor) -> Tensor:
+def _plain(t: Tensor | int) -> Tensor | int:
     """The value of a statistic computed under a torch.func transform, as a plain tensor.
     Statistics carry no gradient, so unwrapping loses nothing. A batched (vmap) statistic has one
     value per sample and no single update: the caller refuses that."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+    while isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
         t = torch._C._functorch.get_unwrapped(t)
     return t
 

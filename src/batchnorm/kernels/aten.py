@@ -3,8 +3,8 @@
 `native_batch_norm` records a C++ autograd node with derivative formulas for every order and
 mode, so this route is as fast as torch.nn where fixed costs decide (small batches) and as
 general. It returns the batch mean and invstd; the variance for the running statistics is
-1/invstd^2 - eps, within 2^-23 (var + eps) of exact in fp32 (invstd is rounded to fp32), as finely
-as eval's sqrt(running_var + eps) resolves it.
+1/invstd^2 - eps, within ~2^-22 (var + eps) of exact in fp32 (invstd itself is rounded to fp32), as
+finely as eval's sqrt(running_var + eps) resolves it.
 """
 
 from __future__ import annotations
@@ -23,11 +23,21 @@ def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tensor | Non
           act: str, act_param: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, count, mean, m2) with the batch statistics of x; the statistics without gradient."""
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    with torch.no_grad():
-        count = torch.full_like(mean, x.numel() // x.shape[1])
-        inv = invstd.double()
-        m2 = ((1.0 / (inv * inv) - eps).clamp_min(0) * count).to(mean.dtype)
+    values_per_channel = x.numel() // x.shape[1]
+    m2 = invstd.detach().pow(-2).sub_(eps).clamp_min_(0).mul_(values_per_channel)
+    count = torch.full_like(m2, values_per_channel)
     return _epilogue(y, z, act, act_param), count, mean.detach(), m2
+
+
+def train_updating(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Tensor | None,
+                   eps: float, act: str, act_param: float, running_mean: Tensor,
+                   running_var: Tensor, factor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, new_mean, new_var): torch's kernel normalizes with the batch statistics and forms the
+    running-statistics update with `factor` (`rules.momentum_value`) into copies of the buffers,
+    which `rules.commit_running_stats` then checks and stores."""
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    y, _, _ = torch.native_batch_norm(x, weight, bias, new_mean, new_var, True, factor, eps)
+    return _epilogue(y, z, act, act_param), new_mean, new_var
 
 
 def normalize(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,

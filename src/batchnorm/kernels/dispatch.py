@@ -24,6 +24,7 @@ composite math survives still takes it.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -83,7 +84,7 @@ def _dense_layout(x: Tensor) -> str | None:
     """"nchw" (contiguous, spatial > 1), "rows" ((N, C), or contiguous with spatial size 1),
     "channels_last", or None for any other strides."""
     if x.is_contiguous():
-        return "nchw" if x.ndim > 2 and x[0, 0].numel() > 1 else "rows"
+        return "nchw" if x.ndim > 2 and math.prod(x.shape[2:]) > 1 else "rows"
     fmt = _CHANNELS_LAST.get(x.ndim)
     if fmt is not None and x.is_contiguous(memory_format=fmt):
         return "channels_last"
