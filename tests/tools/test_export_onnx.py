@@ -1,9 +1,11 @@
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
 import batchnorm
-from batchnorm.tools import export_onnx, onnx_translations
+from batchnorm.tools import export_onnx
 
 from tools_helpers import randomize_bn
 
@@ -68,14 +70,18 @@ class FusedResidual(nn.Module):
         return y
 
 
-def test_plain_torch_onnx_export_with_the_translation_table(tmp_path):
+@pytest.mark.parametrize("backend", [None, "numba", "native"])
+def test_plain_torch_onnx_export(tmp_path, backend):
+    """torch.onnx.export(dynamo=True) with no translation table: the default eval route exports
+    torch's BatchNormalization; a forced kernel backend's custom ops decompose to their composite
+    math (kernels/__init__.py)."""
     model, x = randomize_bn(FusedResidual()).eval(), torch.randn(2, 3, 6, 6)
     path = tmp_path / "direct.onnx"
-    program = torch.onnx.export(model, (x,), dynamo=True, optimize=False,
-                                custom_translation_table=onnx_translations())
+    with batchnorm.use_backend(backend) if backend else contextlib.nullcontext():
+        program = torch.onnx.export(model, (x,), dynamo=True, optimize=False)
     program.save(str(path))
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert ops.count("BatchNormalization") == 5
+    assert ops.count("BatchNormalization") == (5 if backend is None else 0)
     with torch.no_grad():
         expected = model(x)
     error = (run_onnx(path, x) - expected).abs().max().item()

@@ -29,6 +29,7 @@ import functools
 from types import ModuleType
 
 import torch
+import torch._decomp
 from torch import Tensor
 
 from batchnorm.kernels import native
@@ -141,6 +142,25 @@ def _backward_fake(dy, x, mean, invstd, weight, bias, z, y, act, act_param, trai
     dx = torch.empty_like(x) if input_grad else x.new_empty(0)
     dz = torch.empty_like(z) if z is not None else x.new_empty(0)
     return dx, reduced, torch.empty_like(reduced), dz
+
+
+# The composite math each op computes, as decompositions: `torch.onnx.export(dynamo=True)` (and
+# `ExportedProgram.run_decompositions` with torch's table) lowers our ops to standard aten ops, so
+# a model exported with a kernel backend forced needs no translation table. Inductor's own
+# decomposition table does not include these: compiled, the ops stay our kernels.
+torch._decomp.register_decomposition(torch.ops.batchnorm.stats.default)(native.stats)
+torch._decomp.register_decomposition(torch.ops.batchnorm.forward.default)(
+    lambda x, mean, invstd, weight, bias, z, act, act_param, training, eps:
+    native.forward(x, mean, invstd, weight, bias, z, act, act_param))
+
+
+@torch._decomp.register_decomposition(torch.ops.batchnorm.backward.default)
+def _backward_decomposition(dy, x, mean, invstd, weight, bias, z, y, act, act_param, training,
+                            count, sum_dy, sum_dy_xhat, input_grad):
+    dx, dweight, dbias, dz = native.backward(dy, x, mean, invstd, weight, bias, z, y, act,
+                                             act_param, training, count, sum_dy, sum_dy_xhat,
+                                             input_grad)
+    return dx, dweight.clone(), dbias.clone(), dz.clone()
 
 
 def _forward_setup_context(ctx, inputs, output):

@@ -3,11 +3,10 @@ recalibration (precise BN), domain adaptation (AdaBN), diagnostics, ONNX export.
 
 from batchnorm.tools.adapt import adapt
 from batchnorm.tools.convert import TARGETS, Change, convert
-from batchnorm.tools.export import export_onnx, onnx_translations
+from batchnorm.tools.export import export_onnx
 from batchnorm.tools.fold import FoldReport, fold
 from batchnorm.tools.inspect import Tracker, eval_gap, plot, track
 from batchnorm.tools.recalibrate import population_stats, recalibrate
 
 __all__ = ["convert", "Change", "TARGETS", "fold", "FoldReport", "recalibrate",
-           "population_stats", "adapt", "track", "Tracker", "eval_gap", "plot", "export_onnx",
-           "onnx_translations"]
+           "population_stats", "adapt", "track", "Tracker", "eval_gap", "plot", "export_onnx"]

@@ -1,15 +1,13 @@
 """ONNX export: batch norms as standard BatchNormalization nodes, or folded away.
 
-Our layers run their math in `batchnorm::` custom ops (DESIGN.md, "The kernel boundary"), which
-ONNX has no operator for. An eval-mode batch norm is exactly torch.nn's, so `export_onnx` exports
-a copy whose batch norms are converted to torch.nn (ONNX BatchNormalization, which every runtime
-fuses) or, with `fold=True`, folded into the preceding convolutions (no normalization node left).
-The user's model is not touched. Needs the `onnx` extra (onnx, onnxscript; onnxruntime to run it).
+`export_onnx` exports a copy of an eval-mode model whose batch norms are converted to torch.nn
+(ONNX BatchNormalization, which every runtime fuses) or, with `fold=True`, folded into the
+preceding convolutions (no normalization node left), written atomically. The user's model is not
+touched. Needs the `onnx` extra (onnx, onnxscript; onnxruntime to run it).
 
-For calling `torch.onnx.export` directly on a model with our layers, `onnx_translations()` is the
-`custom_translation_table` that writes the eval-mode `batchnorm::forward` op in standard ONNX: a
-BatchNormalization node with scale a, bias b, mean 0 and variance 1 (so it computes a*x + b
-exactly as our kernel does), then the residual and the fused activation.
+Plain `torch.onnx.export(model, args, dynamo=True)` works on our layers too: eval mode exports
+torch's batch norm, and with a kernel backend forced our custom ops decompose to standard ops
+(kernels/__init__.py registers their decompositions).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from torch import nn
 from batchnorm.tools.convert import convert
 from batchnorm.tools.fold import FoldReport, fold
 
-__all__ = ["export_onnx", "onnx_translations"]
+__all__ = ["export_onnx"]
 
 
 def export_onnx(model: nn.Module, args: tuple, path: str | os.PathLike, *, fold_bn: bool = False,
@@ -73,42 +71,3 @@ def export_onnx(model: nn.Module, args: tuple, path: str | os.PathLike, *, fold_
         os.unlink(tmp)
         raise
     return report
-
-
-def onnx_translations() -> dict:
-    """`custom_translation_table` for `torch.onnx.export(..., dynamo=True)` of eval-mode models
-    with our layers: `torch.onnx.export(model, args, custom_translation_table=onnx_translations())`.
-
-    Raises:
-        ImportError: onnxscript is missing (pip install 'batchnorm[onnx]').
-    """
-    try:
-        from onnxscript import opset18 as op
-    except ImportError as error:
-        raise ImportError("onnx_translations needs onnxscript: pip install 'batchnorm[onnx]'"
-                          ) from error
-
-    def forward(x, mean, invstd, weight=None, bias=None, z=None, act: str = "identity",
-                act_param: float = 0.01, training: bool = False):
-        # a = weight * invstd, b = bias - mean * a: kernels.native.scale_shift, in ONNX ops
-        a = invstd if weight is None else op.Mul(weight, invstd)
-        b = op.Neg(op.Mul(mean, a)) if bias is None else op.Sub(bias, op.Mul(mean, a))
-        zeros = op.Sub(a, a)
-        y = op.BatchNormalization(x, a, b, zeros, op.Add(zeros, op.CastLike(1.0, a)),
-                                  epsilon=0.0)
-        if z is not None:
-            y = op.Add(y, z)
-        if act == "relu":
-            return op.Relu(y)
-        if act == "leaky_relu":
-            return op.LeakyRelu(y, alpha=act_param)
-        if act == "silu":
-            return op.Mul(y, op.Sigmoid(y))
-        if act == "gelu_tanh":  # 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))
-            inner = op.Mul(op.CastLike(0.7978845608028654, y),
-                           op.Add(y, op.Mul(op.CastLike(0.044715, y), op.Mul(y, op.Mul(y, y)))))
-            return op.Mul(op.Mul(op.CastLike(0.5, y), y),
-                          op.Add(op.CastLike(1.0, y), op.Tanh(inner)))
-        return y
-
-    return {torch.ops.batchnorm.forward.default: forward}
