@@ -75,10 +75,13 @@ def _check_arguments(input, running_mean, running_var, weight, bias, momentum, e
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
 
 
-def _check_epilogue(input, residual, activation, name) -> None:
+def _check_epilogue(input, residual, activation, negative_slope, name) -> None:
     if activation not in kernels.ACTIVATIONS:
         raise ValueError(f"{name}: activation must be one of {', '.join(kernels.ACTIVATIONS)}, "
                          f"got {activation!r}")
+    if activation == "leaky_relu" and (not isinstance(negative_slope, (int, float))
+                                       or isinstance(negative_slope, bool)):
+        raise ValueError(f"{name}: negative_slope must be a number, got {negative_slope!r}")
     if residual is not None and residual.shape != input.shape:
         raise ValueError(f"{name}: residual must have the input's shape {_shape(input)}, got "
                          f"{_shape(residual)}")
@@ -131,7 +134,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     name = layer_name or "batch_norm"
     _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name,
                      training, num_batches_tracked)
-    _check_epilogue(input, residual, activation, name)
+    _check_epilogue(input, residual, activation, negative_slope, name)
+    if activation == "leaky_relu" and negative_slope < 0:
+        # The kernels' backward reads leaky_relu's derivative from the output's sign, which a
+        # negative slope flips: normalize (and add the residual) fused, then torch's op.
+        y = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       num_batches_tracked=num_batches_tracked, residual=residual,
+                       layer_name=layer_name, warn_key=warn_key, sync=sync,
+                       process_group=process_group)
+        return torch.nn.functional.leaky_relu(y, negative_slope)
     if sync and training and _sync_world_size(process_group, name) > 1:
         return _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
                                 num_batches_tracked, residual, activation, negative_slope,

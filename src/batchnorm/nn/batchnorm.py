@@ -159,10 +159,9 @@ def resolve_activation(act, negative_slope: float, name: str) -> tuple[str, floa
                          f"{', '.join(ACTIVATION_NAMES)} (or nn.ReLU, nn.LeakyReLU, nn.SiLU, "
                          f"nn.GELU(approximate='tanh'), nn.Identity), or apply it after a "
                          f"BatchNorm layer")
-    # relu/leaky_relu backward reads act'(pre) from the output's sign, which needs slope >= 0.
-    if resolved == "leaky_relu" and not (isinstance(negative_slope, (int, float))
-                                         and negative_slope >= 0):
-        raise ValueError(f"{name}: negative_slope must be a number >= 0, got {negative_slope!r}")
+    if resolved == "leaky_relu" and (not isinstance(negative_slope, (int, float))
+                                     or isinstance(negative_slope, bool)):
+        raise ValueError(f"{name}: negative_slope must be a number, got {negative_slope!r}")
     return resolved, float(negative_slope)
 
 
@@ -178,7 +177,8 @@ class BatchNormActBase(BatchNormBase):
         act: "relu" (default), "leaky_relu", "silu" ("swish"), "gelu_tanh", "identity" ("none"),
             None, or the matching torch.nn module (instance or class); anything else raises
             ValueError, since it has no fused kernel.
-        negative_slope: leaky_relu's slope, >= 0 (taken from an nn.LeakyReLU if one is given).
+        negative_slope: leaky_relu's slope (taken from an nn.LeakyReLU if one is given); a negative
+            one is applied after the kernel, whose backward needs slope >= 0.
         sync, process_group: statistics over the global batch of the group's ranks, as BatchNorm.
         The others: as BatchNorm (see the module docstring).
 
