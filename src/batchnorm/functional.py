@@ -258,10 +258,7 @@ def _batch_stats(backend: str, x: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple
     normalize (renorm), and for the composite math also (mean, var) with their graph, which
     `_normalize_with_batch_stats` normalizes with (computed once, used twice)."""
     if backend in ("aten", "composite"):
-        var, mean = torch.var_mean(x.to(accumulation_dtype(x.dtype)), native.reduce_dims(x),
-                                   correction=0)
-        count = torch.full_like(mean, x.numel() // x.shape[1]).detach()
-        return count, mean.detach(), (var * count).detach(), (mean, var)
+        return native.composite_stats(x)
     if torch.compiler.is_compiling():
         return (*kernels.stats(x.detach()), None)
     return (*kernels.kernel_family(backend).stats(x.detach()), None)

@@ -140,10 +140,17 @@ def composite_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, z: Te
     (Welford on the CPU and in inductor's code) keeps |mean| >> std exact. The statistics are
     returned without gradient, for the running-statistics update.
     """
+    count, mean, m2, (mean_graph, var_graph) = composite_stats(x)
+    y = forward(x, mean_graph, torch.rsqrt(var_graph + eps), weight, bias, z, act, act_param)
+    return y, count, mean, m2
+
+
+def composite_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """(count, mean, m2) of x without gradient, and (mean, biased var) with their graph, for
+    `composite_train` and the variants that normalize after looking at the statistics."""
     var, mean = torch.var_mean(x.to(accumulation_dtype(x.dtype)), reduce_dims(x), correction=0)
-    y = forward(x, mean, torch.rsqrt(var + eps), weight, bias, z, act, act_param)
     count = torch.full_like(mean, x.numel() // x.shape[1]).detach()
-    return y, count, mean.detach(), (var * count).detach()
+    return count, mean.detach(), (var * count).detach(), (mean, var)
 
 
 def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
