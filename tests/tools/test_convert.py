@@ -90,3 +90,51 @@ def test_convert_root_layer_sync_and_errors():
     with pytest.raises(ValueError, match="valid targets are .*'batchnorm'.*'torch'"):
         convert(model, to="nope")
     assert {"batchnorm", "torch"} <= set(TARGETS)
+
+
+@pytest.mark.parametrize("to", ["batchnorm", "frozen", "act", "renorm", "freeze"])
+def test_layer_registered_under_two_names_is_converted_once(to):
+    """m.a = m.b = bn (one module, two names): one new layer, put at both names, listed once."""
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.fill_(0.25)
+    model = nn.Module()
+    model.a = bn
+    model.b = bn
+    if to == "freeze":
+        model = batchnorm.freeze(model)
+        changes = None
+    else:
+        model, changes = convert(model, to=to)
+        assert [c.name for c in changes] == ["a"]
+    assert model.a is model.b and type(model.a) is not nn.BatchNorm2d
+    assert torch.equal(model.a.running_mean, torch.full((3,), 0.25))
+    if to in ("batchnorm", "act", "renorm"):
+        assert model.a.running_mean is bn.running_mean  # the very same buffer
+
+
+@pytest.mark.parametrize("act, fused", [
+    (nn.ReLU(), "relu"), (nn.SiLU(), "silu"), (nn.LeakyReLU(0.2), "leaky_relu"),
+    (nn.GELU(approximate="tanh"), "gelu_tanh"), ("subclass", "silu"), ("transformers", "silu"),
+    (nn.ReLU6(), None), (nn.Hardswish(), None), (nn.GELU(), None)], ids=repr)
+def test_convert_to_act_fuses_its_functions_and_says_why_not_for_others(act, fused):
+    if act == "subclass":
+        act = type("MySiLU", (nn.SiLU,), {})()
+    elif act == "transformers":
+        act = pytest.importorskip("transformers.activations").SiLUActivation()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), act, nn.Conv2d(4, 2, 1))
+    model(torch.randn(8, 3, 6, 6))  # running statistics off their initial values
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    converted, changes = convert(model, to="act")
+    (change,) = changes
+    assert type(converted[1]) is batchnorm.BatchNormAct2d
+    if fused:
+        assert converted[1].activation == fused and type(converted[2]) is nn.Identity
+        assert change.note == ""
+    else:
+        assert converted[1].activation == "identity" and converted[2] is act
+        assert f"2 ({type(act).__name__}) not fused: no fused kernel" in str(change)
+    _assert_close(converted(x), expected)

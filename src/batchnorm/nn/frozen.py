@@ -33,7 +33,8 @@ from torch import Tensor
 from batchnorm import functional as F
 from batchnorm.kernels import native
 from batchnorm.nn.batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d,
-                                    BatchNormAct2d, BatchNormAct3d, resolve_activation)
+                                    BatchNormAct2d, BatchNormAct3d, resolve_activation,
+                                    unscriptable)
 
 
 class FrozenBatchNormBase(torch.nn.Module):
@@ -67,6 +68,10 @@ class FrozenBatchNormBase(torch.nn.Module):
         """The per-channel (a, b) of y = a*x + b (before the activation)."""
         return native.scale_shift(self.running_mean, torch.rsqrt(self.running_var + self.eps),
                                   self.weight, self.bias)
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """torch.jit.script hook: a clear error (see `unscriptable`) instead of TorchScript's."""
+        raise unscriptable(self.layer_name)
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, Tensor) and input.ndim not in self._input_ranks:
@@ -112,6 +117,8 @@ _KINDS = ((torch.nn.BatchNorm1d, FrozenBatchNorm1d, BatchNorm1d, BatchNormAct1d)
 
 
 def _frozen_copy(bn: torch.nn.modules.batchnorm._BatchNorm, frozen_cls, path: str):
+    """The frozen layer; nn.Sequential(frozen, act) for a BatchNormAct whose activation has no
+    fused kernel (kept as its `act` submodule), as convert does for a layer losing its fusion."""
     if bn.running_mean is None:
         raise ValueError(f"freeze: {path or 'the module'} ({type(bn).__name__}) has no running "
                          f"statistics (track_running_stats=False), so there is nothing to freeze")
@@ -125,7 +132,8 @@ def _frozen_copy(bn: torch.nn.modules.batchnorm._BatchNorm, frozen_cls, path: st
         frozen.running_mean.copy_(bn.running_mean)
         frozen.running_var.copy_(bn.running_var)
         frozen.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return frozen.train(bn.training)
+    frozen.train(bn.training)
+    return frozen if getattr(bn, "act", None) is None else torch.nn.Sequential(frozen, bn.act)
 
 
 def _unfrozen_copy(frozen: FrozenBatchNormBase, plain_cls, act_cls):
@@ -138,12 +146,22 @@ def _unfrozen_copy(frozen: FrozenBatchNormBase, plain_cls, act_cls):
     return bn.train(frozen.training)
 
 
-def _swap(module: torch.nn.Module, convert, path: str = "") -> torch.nn.Module:
+def _swap(module: torch.nn.Module, convert, path: str = "", done: dict | None = None
+          ) -> torch.nn.Module:
+    """`module` with `convert` applied to it or else to its descendants, in place. A module
+    registered under several names is converted once and the one result put at every name
+    (`done`: id -> result; it also keeps the originals alive, so their ids stay unique)."""
+    done = {} if done is None else done
+    if id(module) in done:
+        return done[id(module)][1]
     replaced = convert(module, path)
+    done[id(module)] = (module, module if replaced is None else replaced)
     if replaced is not None:
         return replaced
-    for name, child in module.named_children():
-        setattr(module, name, _swap(child, convert, f"{path}.{name}" if path else name))
+    # _modules, not named_children(), which skips a child already seen under another name
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            setattr(module, name, _swap(child, convert, f"{path}.{name}" if path else name, done))
     return module
 
 
