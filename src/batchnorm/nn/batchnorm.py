@@ -40,6 +40,15 @@ from torch import Tensor
 from batchnorm import functional as F
 
 
+def unscriptable(layer: str) -> RuntimeError:
+    """The error `torch.jit.script` gets for a layer that has no torch.nn equivalent."""
+    return RuntimeError(
+        f"{layer}: torch.jit.script cannot compile this layer (its forward runs batchnorm's Python "
+        f"kernels, which TorchScript does not support) and torch.nn has no equivalent of it; use "
+        f"torch.jit.trace or torch.export instead, or batchnorm.convert(model, to='torch') first "
+        f"if plain batch norm will do")
+
+
 class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
     """The shared forward of our batch-norm layers; subclasses name the input ranks they accept."""
 
@@ -100,6 +109,27 @@ class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
         registry = self._parameters if name in self._parameters else self._buffers
         return registry[name] if name in registry else getattr(self, name)
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What `torch.jit.script` compiles in this layer's place: for plain BatchNorm1d/2d/3d
+        without sync, the torch.nn layer of the same rank holding the very same Parameter and
+        buffer objects (so a scripted model trains and loads the same state), whose forward is
+        torch's own: it agrees with ours to rounding, but lacks our non-finite-batch guard and
+        counts an empty batch in num_batches_tracked. Every other layer raises, since TorchScript
+        cannot compile our kernels' Python.
+
+        Raises:
+            RuntimeError: the layer has no torch.nn equivalent; the message names the ways out.
+        """
+        torch_cls = _TORCH_EQUIVALENT.get(type(self))
+        if torch_cls is None or self.sync:
+            raise unscriptable(self.layer_name + (" with sync=True" if self.sync else ""))
+        extra = {} if self.bias is not None or not self.affine else {"bias": False}
+        new = torch_cls(self.num_features, self.eps, self.momentum, self.affine,
+                        self.track_running_stats, **extra)
+        new._parameters.update(self._parameters)
+        new._buffers.update(self._buffers)
+        return new.train(self.training)
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         return F.batch_norm(
@@ -127,6 +157,11 @@ class BatchNorm3d(BatchNormBase, torch.nn.BatchNorm3d):
     _input_ranks = (5,)
 
 
+# the torch.nn layer `torch.jit.script` compiles in place of ours (`__prepare_scriptable__`)
+_TORCH_EQUIVALENT = {BatchNorm1d: torch.nn.BatchNorm1d, BatchNorm2d: torch.nn.BatchNorm2d,
+                     BatchNorm3d: torch.nn.BatchNorm3d}
+
+
 # ---- batch norm + activation (+ residual), one fused kernel call ----------------------------
 
 # Names of the fused epilogues (kernels.ACTIVATIONS) and their aliases: one flat registry.
@@ -135,9 +170,33 @@ ACTIVATION_NAMES = {"identity": "identity", "none": "identity", "relu": "relu",
                     "gelu_tanh": "gelu_tanh"}
 
 
+# Hugging Face's activation modules (transformers.activations) that compute one of the fused
+# functions; matched by class name within that package, so transformers is never imported here.
+_TRANSFORMERS_ACTIVATIONS = {"SiLUActivation": "silu", "GELUTanh": "gelu_tanh",
+                             "PytorchGELUTanh": "gelu_tanh"}
+_TORCH_ACTIVATIONS = ((torch.nn.Identity, "identity"), (torch.nn.ReLU, "relu"),
+                      (torch.nn.SiLU, "silu"), (torch.nn.LeakyReLU, "leaky_relu"))
+
+
+def fused_activation(act: torch.nn.Module) -> str | None:
+    """The name of the fused kernel epilogue that computes the activation module `act`, or None.
+
+    nn.Identity, nn.ReLU, nn.SiLU, nn.LeakyReLU and nn.GELU(approximate="tanh") and their
+    subclasses that keep the class's forward, and Hugging Face's SiLUActivation and GELUTanh /
+    PytorchGELUTanh. A subclass with a forward of its own may compute something else: None."""
+    for cls, name in _TORCH_ACTIVATIONS + ((torch.nn.GELU, "gelu_tanh"),):
+        if isinstance(act, cls):
+            same = type(act).forward is cls.forward
+            tanh = cls is not torch.nn.GELU or act.approximate == "tanh"
+            return name if same and tanh else None
+    if type(act).__module__.split(".")[0] == "transformers":
+        return _TRANSFORMERS_ACTIVATIONS.get(type(act).__name__)
+    return None
+
+
 def resolve_activation(act, negative_slope: float, name: str) -> tuple[str, float]:
     """(kernel activation name, negative slope) for `act`: a name of `ACTIVATION_NAMES`, None, or
-    an nn.ReLU / LeakyReLU / SiLU / GELU(approximate="tanh") / Identity module or class."""
+    an activation module (instance or class) that `fused_activation` knows."""
     if isinstance(act, type) and issubclass(act, torch.nn.Module):
         act = act()
     if act is None:
@@ -147,13 +206,10 @@ def resolve_activation(act, negative_slope: float, name: str) -> tuple[str, floa
             raise ValueError(f"{name}: unknown activation {act!r}; use one of "
                              f"{', '.join(ACTIVATION_NAMES)}")
         resolved = ACTIVATION_NAMES[act]
-    elif isinstance(act, torch.nn.LeakyReLU):
-        resolved, negative_slope = "leaky_relu", act.negative_slope
-    elif isinstance(act, torch.nn.GELU) and act.approximate == "tanh":
-        resolved = "gelu_tanh"
-    elif isinstance(act, (torch.nn.Identity, torch.nn.ReLU, torch.nn.SiLU)):
-        resolved = {torch.nn.Identity: "identity", torch.nn.ReLU: "relu",
-                    torch.nn.SiLU: "silu"}[type(act)]
+    elif isinstance(act, torch.nn.Module) and fused_activation(act) is not None:
+        resolved = fused_activation(act)
+        if resolved == "leaky_relu":
+            negative_slope = act.negative_slope
     else:
         raise ValueError(f"{name}: activation {act!r} has no fused kernel; use one of "
                          f"{', '.join(ACTIVATION_NAMES)} (or nn.ReLU, nn.LeakyReLU, nn.SiLU, "
@@ -176,8 +232,12 @@ class BatchNormActBase(BatchNormBase):
 
     Args:
         act: "relu" (default), "leaky_relu", "silu" ("swish"), "gelu_tanh", "identity" ("none"),
-            None, or the matching torch.nn module (instance or class); anything else raises
-            ValueError, since it has no fused kernel.
+            None, or any nn.Module activation (instance or class). One that computes a fused
+            function (`fused_activation`: nn.ReLU, nn.SiLU, Hugging Face's SiLUActivation, ...)
+            is fused into the kernel; any other (nn.ReLU6, nn.Hardswish, ...) is kept as the
+            submodule `act` and applied to the normalized output (timm's BatchNormAct2d accepts
+            any act_layer too). A parameterless one adds no state_dict keys, so torch.nn
+            BatchNorm checkpoints still load.
         negative_slope: leaky_relu's slope, >= 0 (taken from an nn.LeakyReLU if one is given).
         sync, process_group: statistics over the global batch of the group's ranks, as BatchNorm.
         The others: as BatchNorm (see the module docstring).
@@ -191,19 +251,28 @@ class BatchNormActBase(BatchNormBase):
                  process_group=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          sync=sync, process_group=process_group)
-        self.activation, self.negative_slope = resolve_activation(act, negative_slope,
-                                                                  self.layer_name)
+        module = act() if isinstance(act, type) and issubclass(act, torch.nn.Module) else act
+        if isinstance(module, torch.nn.Module) and fused_activation(module) is None:
+            self.activation, self.negative_slope = "identity", 0.01
+            self.act = module  # a submodule, applied after the kernel
+        else:
+            self.activation, self.negative_slope = resolve_activation(module, negative_slope,
+                                                                      self.layer_name)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
-        return F.batch_norm(
+        y = F.batch_norm(
             input, *self._stats_buffers(), self.weight, self.bias, self.training,
             self.momentum, self.eps, num_batches_tracked=self.num_batches_tracked,
             residual=residual, activation=self.activation, negative_slope=self.negative_slope,
             layer_name=self.layer_name, warn_key=self, sync=self.sync,
             process_group=self.process_group)
+        act = self._modules.get("act")
+        return y if act is None else act(y)
 
     def extra_repr(self) -> str:
+        if "act" in self._modules:  # printed as the child module (act)
+            return super().extra_repr()
         slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
         return f"{super().extra_repr()}, act={self.activation!r}{slope}"
 
