@@ -158,3 +158,45 @@ def test_recalibrate_across_two_gloo_ranks():
         assert_population(model, expected)
         model.load_state_dict(synced)
         assert_population(model, expected_synced)
+
+
+def test_a_non_finite_batch_is_left_out_with_a_warning_naming_layer_and_batch():
+    model = tiny_cnn()
+    data = batches(3)
+    clean = [b for i, b in enumerate(data) if i != 2]
+    data[2][1, 0, 4, 4] = float("nan")
+    expected = float64_population(model, clean)
+    with pytest.warns(RuntimeWarning, match=r"recalibrate: 1 \(BatchNorm2d\) got non-finite "
+                                            r"values in batch 2; that batch is left out"):
+        recalibrate(model, data, progress=False)
+    for name, (mean, var) in expected.items():
+        m = model.get_submodule(name)
+        assert torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()
+        assert (m.running_mean.double() - mean).abs().max() <= 1e-5 * max(1, mean.abs().max())
+        assert (m.running_var.double() - var).abs().max() <= 1e-5 * max(1, var.abs().max())
+
+
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = batchnorm.MaskedBatchNorm1d(3)
+
+    def forward(self, x, mask):
+        return self.bn(x, mask=mask)
+
+
+def _padded(seed, lengths):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), 3, max(lengths), generator=g) * 2 + 1
+    mask = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+    return x.masked_fill(~mask[:, None], 1e4), mask  # padding far off the data
+
+
+@pytest.mark.parametrize("tool", ["recalibrate", "adapt"])
+def test_masked_batch_norm_statistics_are_over_valid_positions_only(tool):
+    data = [_padded(0, [7, 2, 5]), _padded(1, [3, 6])]
+    valid = torch.cat([x.movedim(1, -1)[mask] for x, mask in data]).double()
+    model = _Masked()
+    getattr(batchnorm, tool)(model, [{"x": x, "mask": m} for x, m in data], progress=False)
+    torch.testing.assert_close(model.bn.running_mean.double(), valid.mean(0))
+    torch.testing.assert_close(model.bn.running_var.double(), valid.var(0))

@@ -16,6 +16,12 @@ Under torch.distributed the per-rank partials are gathered and merged the same w
 ends with the statistics of all ranks' batches. Non-batch-norm modules run in eval mode during the
 passes (dropout off: the statistics describe the activations inference sees). Parameters,
 `num_batches_tracked` and every module's training flag are left as they were.
+
+A MaskedBatchNorm's statistics are over the valid positions of its mask only, as in its forward.
+A batch whose values at a layer are not finite (a NaN or inf input, an overflow) is left out of
+that layer's statistics with a RuntimeWarning naming the layer and the batch index, as the
+training forward leaves such a batch out of the running statistics: one corrupt batch should not
+turn a whole population estimate into NaN. The other batches still count.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.kernels.native import merge_stats, stats
-from batchnorm.tools._common import (batch_inputs, batchnorm_types, is_domain, is_frozen, limited,
-                                     model_device, progress_bar, run_model, to_device,
-                                     total_batches)
+from batchnorm.tools._common import (batch_inputs, batchnorm_types, is_domain, is_frozen,
+                                     layer_values, limited, model_device, progress_bar, run_model,
+                                     to_device, total_batches)
 
 __all__ = ["recalibrate", "population_stats"]
 
@@ -83,18 +89,25 @@ def population_stats(model: nn.Module, batches: Iterable, num_batches: int | Non
     """
     layers = _tracked_layers(model)
     partials: dict[Key, list[Tensor]] = {}
+    batch_index = -1
 
     def hook(module, args, kwargs, name):
-        x = args[0]
         key: Key = (name, None)
         if is_domain(module):
             if domain is not None:  # adapt(domain=k): every domain layer runs as domain k
-                args = (x, domain) + tuple(args[2:])
+                args = (args[0], domain) + tuple(args[2:])
                 kwargs = {k: v for k, v in kwargs.items() if k != "domain"}
             key = (name, int(_domain_argument(args, kwargs)))
-        if x.numel() == 0:
+        values = layer_values(module, args, kwargs)
+        if values is None or values.numel() == 0:
             return args, kwargs
-        count, mean, m2 = stats(x.detach().double())
+        count, mean, m2 = stats(values.detach().double())
+        if not bool(torch.isfinite(mean).all() and torch.isfinite(m2).all()):
+            warnings.warn(f"{description}: {name} ({type(module).__name__}) got non-finite values "
+                          f"in batch {batch_index}; that batch is left out of its statistics "
+                          f"(check the batch's inputs, e.g. torch.isfinite(batch).all())",
+                          RuntimeWarning, stacklevel=2)
+            return args, kwargs
         if key in partials:
             merged = merge_stats(torch.stack([partials[key][0], count]),
                                  torch.stack([partials[key][1], mean]),
@@ -116,7 +129,8 @@ def population_stats(model: nn.Module, batches: Iterable, num_batches: int | Non
         for m in layers.values():
             m.train()
         it = limited(batches, num_batches, description)
-        for batch in progress_bar(it, total_batches(batches, num_batches), description, progress):
+        bar = progress_bar(it, total_batches(batches, num_batches), description, progress)
+        for batch_index, batch in enumerate(bar):
             if forward is None:
                 run_model(model, to_device(batch_inputs(batch), device))
             else:
