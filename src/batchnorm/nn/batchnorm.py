@@ -206,7 +206,10 @@ def resolve_activation(act, negative_slope: float, name: str) -> tuple[str, floa
             raise ValueError(f"{name}: unknown activation {act!r}; use one of "
                              f"{', '.join(ACTIVATION_NAMES)}")
         resolved = ACTIVATION_NAMES[act]
-    elif isinstance(act, torch.nn.Module) and fused_activation(act) is not None:
+    elif not isinstance(act, torch.nn.Module):
+        raise ValueError(f"{name}: act must be an activation name, None or an nn.Module, got "
+                         f"{type(act).__name__} {act!r}")
+    elif fused_activation(act) is not None:
         resolved = fused_activation(act)
         if resolved == "leaky_relu":
             negative_slope = act.negative_slope
