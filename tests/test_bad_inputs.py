@@ -4,10 +4,10 @@ A row builds the objects under test (`make`), calls the API on them (`call`), an
 the error (type and the words that tell the user what happened and what to do) or a check of the
 correct result. Every row then asserts that no state changed: each module's parameters and
 buffers (running statistics, num_batches_tracked), and each tensor the row handed in, compared
-bit for bit (NaN included) before and after. Rows marked `core` describe the behaviour issue 18
-asks for that needs a change in functional.py or kernels/ (another engineer's); they are
-xfail(strict=True), so the change flips them. SyncBatchNorm ranks with mismatched channel counts
-need two processes: tests/nn/test_sync.py, test_ranks_with_mismatched_channel_counts.
+bit for bit (NaN included) before and after. Where torch.nn raises RuntimeError for a bad
+argument, ours is `batchnorm.ArgumentError`, also a ValueError: those rows ask for both types
+(`also`). SyncBatchNorm ranks with mismatched channel counts need two processes:
+tests/nn/test_sync.py, test_ranks_with_mismatched_channel_counts.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class Row:
     raises: type | tuple[type, ...] | None = None
     match: str = ""
     check: Callable[[Any, Any], None] | None = None  # (objects, result) for the correct result
-    core: str = ""  # the core change the expected behaviour waits for
     also: type | None = None  # a second type the raised exception must have
     changes_state: bool = False  # the correct result updates the objects (checked by `check`)
 
@@ -112,9 +111,17 @@ ROWS = [
     *[Row(f"num_features={v!r}", lambda: None, lambda _, v=v: batchnorm.BatchNorm2d(v), ValueError,
           r"BatchNorm2d: num_features must be a positive int, got")
       for v in (0, -3, 2.5, True, "4", None)],
-    *[Row(f"momentum={v!r}", lambda: None, lambda _, v=v: batchnorm.BatchNorm1d(4, momentum=v),
-          ValueError, r"BatchNorm1d\(4\): momentum must be a float in \[0, 1\] or None")
-      for v in (-0.1, 1.5, "0.1", float("nan"))],
+    *[Row(f"momentum={v!r} constructs, training forward refuses",
+          lambda v=v: batchnorm.BatchNorm1d(4, momentum=v), lambda m: m(_x(3, 4)), error,
+          rf"BatchNorm1d\(4\): momentum must be {words}")
+      for v, error, words in (("0.1", TypeError, r"a float or None.*got str '0.1'"),
+                              (float("nan"), ValueError, r"finite.*got nan"),
+                              (float("-inf"), ValueError, r"finite.*got -inf"))],
+    *[Row(f"momentum={v} extrapolates as torch.nn's", lambda v=v: (
+          batchnorm.BatchNorm1d(4, momentum=v), nn.BatchNorm1d(4, momentum=v), _x(3, 4)),
+          lambda o: (o[0](o[2]), o[1](o[2])), changes_state=True,
+          check=lambda o, r: torch.testing.assert_close(o[0].state_dict(), o[1].state_dict()))
+      for v in (-0.1, 1.5)],
     Row("process_group without sync", lambda: None,
         lambda _: batchnorm.BatchNorm2d(4, process_group=object()), ValueError,
         r"process_group is only used with sync=True; pass sync=True or drop process_group"),
@@ -140,11 +147,17 @@ ROWS = [
     Row("domain num_domains 0", lambda: None,
         lambda _: batchnorm.DomainBatchNorm2d(4, num_domains=0), ValueError,
         r"DomainBatchNorm2d\(4\): num_domains must be a positive int, got 0"),
-    *[Row(f"eps={v} constructs, training forward refuses", lambda: None,
-          lambda _, v=v: batchnorm.BatchNorm2d(4, eps=v)(_x(2, 4, 3, 3)), ValueError,
-          r"eps must be positive", core="eps <= 0 accepted at construction as torch.nn does; "
-          "the training forward raises ValueError with torch's words 'eps must be positive'")
+    *[Row(f"eps={v} constructs, training forward refuses", lambda v=v: batchnorm.BatchNorm2d(
+          4, eps=v), lambda m: m(_x(2, 4, 3, 3)), ValueError,
+          rf"BatchNorm2d\(4\): eps must be positive during training, but got {v}.*use e.g. 1e-5",
+          also=RuntimeError)
       for v in (0.0, -1.0)],
+    Row("eps=0 in eval works as torch.nn's", lambda: (
+        batchnorm.BatchNorm2d(4, eps=0.0).eval(), nn.BatchNorm2d(4, eps=0.0).eval(),
+        _x(2, 4, 3, 3)), lambda o: o[0](o[2]), check=_eq(lambda o: o[1](o[2]))),
+    Row("eps=-1 in eval", lambda: batchnorm.BatchNorm2d(4, eps=-1.0).eval(),
+        lambda m: m(_x(2, 4, 3, 3)), ValueError,
+        r"BatchNorm2d\(4\): eps must be non-negative, but got -1.0", also=RuntimeError),
     # ---- module forwards ----------------------------------------------------------------
     Row("2d layer, 3D input", lambda: batchnorm.BatchNorm2d(4), lambda m: m(_x(2, 4, 3)),
         ValueError, r"BatchNorm2d\(4\): expected 4D input \(got 3D input of shape \(2, 4, 3\)\)"),
@@ -154,9 +167,14 @@ ROWS = [
         ValueError, r"BatchNorm3d\(4\): expected 5D input \(got 4D input"),
     Row("channel mismatch", lambda: batchnorm.BatchNorm2d(64), lambda m: m(_x(8, 32, 7, 7)),
         ValueError, r"BatchNorm2d\(64\) expected input with 64 channels \(dim 1\), got shape "
-                    r"\(8, 32, 7, 7\)"),
+                    r"\(8, 32, 7, 7\)", also=RuntimeError),
     Row("channel mismatch in eval", lambda: batchnorm.BatchNorm2d(4).eval(),
-        lambda m: m(_x(2, 3, 2, 2)), ValueError, r"expected input with 4 channels"),
+        lambda m: m(_x(2, 3, 2, 2)), ValueError, r"expected input with 4 channels",
+        also=RuntimeError),
+    Row("running_mean swapped for a wrong-sized one", lambda: _set(
+        batchnorm.BatchNorm1d(10), running_mean=torch.zeros(9)), lambda m: m(_x(4, 10)),
+        RuntimeError, r"BatchNorm1d\(10\): running_mean should contain 10 elements not 9",
+        also=ValueError),
     *[Row(f"{dtype} input", lambda: batchnorm.BatchNorm1d(4),
           lambda m, dtype=dtype: m(torch.zeros(3, 4, dtype=dtype)), TypeError,
           rf"BatchNorm1d\(4\): expected a floating-point input, got dtype {dtype}; convert it")
@@ -176,21 +194,18 @@ ROWS = [
     Row("inf batch leaves the statistics", lambda: batchnorm.BatchNorm2d(3),
         lambda m: m(torch.full((2, 3, 2, 2), float("inf"))),
         check=lambda o, r: None if not torch.isfinite(r).any() else pytest.fail("finite output")),
-    Row("momentum set to 2.0 after construction", lambda: _set(batchnorm.BatchNorm2d(4),
-                                                               momentum=2.0),
-        lambda m: m(_x(3, 4, 2, 2)), ValueError, r"BatchNorm2d\(4\): momentum must be a float"),
-    Row("momentum outside [0, 1] ignored in eval", lambda: _set(batchnorm.BatchNorm2d(4).eval(),
-                                                                momentum=-1.2),
+    Row("momentum set to NaN after construction", lambda: _set(batchnorm.BatchNorm2d(4),
+                                                               momentum=float("nan")),
+        lambda m: m(_x(3, 4, 2, 2)), ValueError, r"BatchNorm2d\(4\): momentum must be finite"),
+    Row("momentum NaN ignored in eval", lambda: _set(batchnorm.BatchNorm2d(4).eval(),
+                                                     momentum=float("nan")),
         lambda m: m(torch.ones(3, 4, 2, 2)), check=lambda m, r: torch.testing.assert_close(
-            r, torch.full((3, 4, 2, 2), 1 / (1 + 1e-5) ** 0.5)),
-        core="momentum is not used in eval: torch.nn accepts any value there; refuse it in the "
-             "training forward only"),
-    Row("fp16 batch variance above 65504 stores inf", lambda: batchnorm.BatchNorm1d(
-        2, momentum=1.0).half(), lambda m: m((_x(64, 2) * 400).half()),
-        check=lambda m, r: None if torch.isinf(m.running_var).all() else pytest.fail(
-            f"running_var {m.running_var}, expected inf (torch.nn's)"), changes_state=True,
-        core="an fp16 layer whose batch variance overflows fp16 stores inf as torch.nn does, "
-             "not NaN (today the fp32 variance is cast after the update)"),
+            r, torch.full((3, 4, 2, 2), 1 / (1 + 1e-5) ** 0.5))),
+    Row("fp16 batch variance above 65504 is not stored", lambda: batchnorm.BatchNorm1d(
+        2, momentum=1.0).half(), lambda m: _warned(lambda: m((_x(64, 2) * 400).half())),
+        check=lambda m, w: _assert_words(w, "BatchNorm1d(2): the batch statistics are not finite "
+                                            "or overflow the running statistics' dtype",
+                                         "left unchanged")),
     Row("residual of the wrong shape", lambda: batchnorm.BatchNormAct2d(4),
         lambda m: m(_x(2, 4, 3, 3), _x(2, 4, 3, 2)), ValueError,
         r"residual must have the input's shape \(2, 4, 3, 3\), got \(2, 4, 3, 2\)"),
@@ -231,28 +246,41 @@ ROWS = [
     Row("F: 1-D input", lambda: _stats(5),
         lambda s: F.batch_norm(_x(5), s["running_mean"], s["running_var"]), ValueError,
         r"expected input of shape \(N, C, \*spatial\) with at least 2 dimensions"),
+    Row("F: (0,) input with (3,) statistics", lambda: _stats(3),
+        lambda s: F.batch_norm(torch.zeros(0), s["running_mean"], s["running_var"]), RuntimeError,
+        r"batch_norm expected input with 3 channels \(dim 1\), got shape \(0,\)",
+        also=ValueError),
+    Row("F: momentum -1 in training extrapolates as torch's", lambda: (_stats(), _stats(),
+                                                                       _x(4, 10)),
+        lambda o: (F.batch_norm(o[2], **o[0], training=True, momentum=-1.0),
+                   nn.functional.batch_norm(o[2], **o[1], training=True, momentum=-1.0)),
+        check=lambda o, r: torch.testing.assert_close((r[0], o[0]), (r[1], o[1])),
+        changes_state=True),
+    Row("F: eps -1 in eval", lambda: _stats(),
+        lambda s: F.batch_norm(_x(2, 10), s["running_mean"], s["running_var"], eps=-1.0),
+        ValueError, r"batch_norm: eps must be non-negative, but got -1.0", also=RuntimeError),
+    Row("F: eps '1e-5'", lambda: _stats(),
+        lambda s: F.batch_norm(_x(2, 10), s["running_mean"], s["running_var"], eps="1e-5"),
+        TypeError, r"batch_norm: eps must be a float, got str '1e-5'"),
     Row("F: training on batch 1 without statistics", lambda: None,
         lambda _: F.batch_norm(_x(1, 3), None, None, training=True), ValueError, ONE_VALUE),
     Row("F: eps 0 in training", lambda: _stats(),
         lambda s: F.batch_norm(_x(2, 10), s["running_mean"], s["running_var"], training=True,
-                               eps=0.0), ValueError, r"eps must be positive",
-        core="the message carries torch's words 'eps must be positive'"),
-    Row("F: (0,) input", lambda: {"running_mean": torch.zeros(0), "running_var": torch.ones(0)},
-        lambda s: F.batch_norm(torch.zeros(0), s["running_mean"], s["running_var"],
-                               training=True), check=_empty_like_input((0,)),
-        core="a (0,) input with (0,) statistics returns an empty output as torch's does"),
+                               eps=0.0), ValueError,
+        r"batch_norm: eps must be positive during training, but got 0.0", also=RuntimeError),
+    *[Row(f"F: (0,) input, training={t}", lambda: {"running_mean": torch.zeros(0),
+                                                   "running_var": torch.ones(0)},
+          lambda s, t=t: F.batch_norm(torch.zeros(0), s["running_mean"], s["running_var"],
+                                      training=t), check=_empty_like_input((0,)))
+      for t in (True, False)],
     *[Row(f"F: {arg} of 9 for 10 channels", lambda: _stats(),
           lambda s, arg=arg: F.batch_norm(_x(2, 10), **{**s, arg: torch.ones(9)}, training=True),
-          ValueError, rf"{arg} should contain 10 elements not 9", also=RuntimeError,
-          core="a mis-sized per-channel tensor raises an exception that is both ValueError and "
-               "RuntimeError and names that tensor with torch's words '<name> should contain "
-               "10 elements not 9' (today a mis-sized running_mean reads as a wrong input "
-               "channel count)")
+          ValueError, rf"^batch_norm: {arg} should contain 10 elements not 9 \(one per channel "
+                      rf"of the input of shape \(2, 10\)\)$", also=RuntimeError)
       for arg in ("running_mean", "running_var")],
     *[Row(f"F: {arg} of 9 for 10 channels", lambda: _stats(),
           lambda s, arg=arg: F.batch_norm(_x(2, 10), **s, **{arg: torch.ones(9)}),
-          ValueError, rf"{arg} should contain 10 elements not 9", also=RuntimeError,
-          core="as for running_mean: both types, torch's words")
+          ValueError, rf"^batch_norm: {arg} should contain 10 elements not 9", also=RuntimeError)
       for arg in ("weight", "bias")],
     # ---- tools --------------------------------------------------------------------------
     Row("convert: unknown target", _model, lambda m: batchnorm.convert(m, to="nope"), ValueError,
@@ -341,8 +369,7 @@ def _assert_words(messages, *words):
 
 def _params():
     for row in ROWS:
-        marks = [pytest.mark.xfail(strict=True, reason=f"core: {row.core}")] if row.core else []
-        yield pytest.param(row, id=row.id, marks=marks)
+        yield pytest.param(row, id=row.id)
 
 
 def test_table_has_at_least_60_rows():

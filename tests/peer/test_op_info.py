@@ -12,9 +12,9 @@ test_fn_fwgrad_bwgrad (gradgradcheck with check_fwd_over_rev), in float64; plus 
 batched gradients, which tells a vmap failure (issue 17) apart from a wrong gradient.
 
 Our functional mirrors torch's positional arguments (input, running_mean, running_var, weight,
-bias, training, momentum, eps), so a sample's args and kwargs pass unchanged. It refuses a momentum
-outside [0, 1] in training, where torch extrapolates the average: for those samples ours must raise
-that ValueError (a documented difference, DESIGN.md); torch's result is not asked of it.
+bias, training, momentum, eps), so a sample's args and kwargs pass unchanged, and takes every
+sample as torch's does: momentum -1.0 in training (which extrapolates the average), momentum
+-1.2 in eval (where it is unused), and the (0,) input (an empty output).
 """
 
 import pytest
@@ -43,29 +43,9 @@ def describe(sample) -> str:
         f"-{k}{kw[k]}" for k in ("momentum", "eps") if k in kw)
 
 
-def refused_momentum(sample) -> bool:
-    """A training sample whose momentum lies outside [0, 1]: ours refuses it by design."""
-    m = sample.kwargs.get("momentum", 0.1)
-    return sample.kwargs.get("training", False) and m is not None and not 0 <= m <= 1
-
-
-# Transform checks that fail for ours today, by sample index (issue 17); every other check of every
-# sample is expected to pass.
-BATCHED = "issue 17: our kernel path does not support vmap over the backward (batched grad)"
-FORWARD_AD = "issue 17: our kernel path has no forward-mode AD rule (jvp)"
-DOUBLE = "issue 17: our kernel path's backward is not differentiable again (double backward)"
-EXPECTED_TRANSFORM_FAILURES: dict[tuple[str, int], str] = {}
-
-
-def cases(check: str) -> list:
-    params = []
-    for i, sample in enumerate(samples(torch.float64)):
-        for impl in FUNCTIONS:
-            reason = EXPECTED_TRANSFORM_FAILURES.get((check, i))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason and impl == "ours" \
-                else []
-            params.append(pytest.param(i, impl, marks=marks, id=f"{i}-{describe(sample)}-{impl}"))
-    return params
+def cases() -> list:
+    return [pytest.param(i, impl, id=f"{i}-{describe(sample)}-{impl}")
+            for i, sample in enumerate(samples(torch.float64)) for impl in FUNCTIONS]
 
 
 def fresh(sample, dtype=None):
@@ -78,15 +58,10 @@ def fresh(sample, dtype=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("index,impl", cases("forward"))
+@pytest.mark.parametrize("index,impl", cases())
 def test_forward(index, impl, dtype):
     sample = samples(dtype)[index]
     x, args, kwargs = fresh(sample)
-    if impl == "ours" and refused_momentum(sample):
-        with pytest.raises(ValueError, match=r"momentum must be a float in \[0, 1\] or None"):
-            FUNCTIONS[impl](x, *args, **kwargs)
-        assert_close(args[:2], fresh(sample)[1][:2])  # running statistics untouched
-        return
     out = FUNCTIONS[impl](x, *args, **kwargs)
     x64, args64, _ = fresh(sample, torch.float64)
     expected = torch.nn.functional.batch_norm(x64, *args64, **kwargs)
@@ -132,15 +107,13 @@ GRADIENT_CHECKS = {
 
 
 def _gradient_cases() -> list:
-    return [pytest.param(check, *case.values, marks=case.marks, id=f"{check}-{case.id}")
-            for check in GRADIENT_CHECKS for case in cases(check)]
+    return [pytest.param(check, *case.values, id=f"{check}-{case.id}")
+            for check in GRADIENT_CHECKS for case in cases()]
 
 
 @pytest.mark.parametrize("check,index,impl", _gradient_cases())
 def test_gradients(check, index, impl):
     sample = samples(torch.float64)[index]
     fn, tensors = _differentiable(sample, impl)
-    if impl == "ours" and refused_momentum(sample):
-        pytest.skip("ours refuses momentum outside [0, 1] in training (test_forward asserts it)")
     assert tensors
     assert GRADIENT_CHECKS[check](fn, tensors)

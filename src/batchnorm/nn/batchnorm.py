@@ -13,9 +13,11 @@ state_dicts, `_version` upgrades of old checkpoints, `reset_parameters`, and eve
 
 Args (all layers):
     num_features: C, the channel count of the expected input.
-    eps: added to the variance for stability. Default 1e-5.
-    momentum: running-statistics EMA factor in [0, 1], or None for a cumulative average.
-        Default 0.1.
+    eps: added to the variance for stability. Default 1e-5. As in torch.nn, any value
+        constructs; the forward refuses eps <= 0 in training and eps < 0 in eval.
+    momentum: running-statistics EMA factor, usually in [0, 1] (as in torch.nn, any finite
+        value is used, outside it extrapolating), or None for a cumulative average. Default 0.1.
+        Read only by the training forward, which refuses a non-finite one.
     affine: learnable per-channel gamma (init 1) and beta (init 0). Default True.
     bias: with affine, whether beta is learned (keyword-only, torch >= 2.13). Default True.
     track_running_stats: keep running_mean/running_var/num_batches_tracked buffers and use them in
@@ -27,8 +29,9 @@ Args (all layers):
     process_group: keyword-only; the group `sync` reduces over, None for the default group.
 
 Raises:
-    ValueError: num_features <= 0, eps <= 0, momentum outside [0, 1], input of the wrong rank or
-        channel count, training with one value per channel.
+    ValueError: num_features <= 0, input of the wrong rank, training with one value per channel.
+    ArgumentError (a ValueError and a RuntimeError, as torch.nn raises one or the other): input of
+        the wrong channel count, eps <= 0 in training or < 0 in eval.
     TypeError: integer input.
 """
 
@@ -68,8 +71,6 @@ class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got "
                              f"{num_features!r}")
-        F.check_eps(eps, name)
-        F.check_momentum(momentum, name)
         if process_group is not None and not sync:
             raise ValueError(f"{name}: process_group is only used with sync=True; pass sync=True "
                              f"or drop process_group")

@@ -20,7 +20,8 @@ our BatchNorm (BatchNormAct where an activation is fused).
 
 Args (all layers):
     num_features: C.
-    eps: added to running_var. Default 1e-5.
+    eps: added to running_var, >= 0 (the forward checks it, as eval-mode batch norm does: a
+        layer frozen from one with eps=0 works). Default 1e-5.
     act, negative_slope: a fused activation, as BatchNormAct. Default "identity".
     device, dtype: of the buffers.
 """
@@ -49,7 +50,6 @@ class FrozenBatchNormBase(torch.nn.Module):
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got "
                              f"{num_features!r}")
         self.num_features, self.eps = num_features, eps
-        F.check_eps(eps, self.layer_name)
         self.activation, self.negative_slope = resolve_activation(act, negative_slope,
                                                                   self.layer_name)
         factory = {"device": device, "dtype": dtype}
