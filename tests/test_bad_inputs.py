@@ -273,6 +273,9 @@ ROWS = [
           lambda s, t=t: F.batch_norm(torch.zeros(0), s["running_mean"], s["running_var"],
                                       training=t), check=_empty_like_input((0,)))
       for t in (True, False)],
+    Row("F: masked (0,) input", lambda: None,
+        lambda _: F.masked_batch_norm(torch.zeros(0), torch.zeros(0, dtype=torch.bool), None, None,
+                                      training=True), check=_empty_like_input((0,))),
     *[Row(f"F: {arg} of 9 for 10 channels", lambda: _stats(),
           lambda s, arg=arg: F.batch_norm(_x(2, 10), **{**s, arg: torch.ones(9)}, training=True),
           ValueError, rf"^batch_norm: {arg} should contain 10 elements not 9 \(one per channel "

@@ -571,6 +571,8 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
                           num_batches_tracked=num_batches_tracked, layer_name=name,
                           warn_key=warn_key)
     _check_input(input, running_mean, running_var, weight, bias, name)
+    if input.ndim == 1:  # the (0,) input, which `_check_input` lets through: empty, as batch_norm
+        return input.clone()
     mask = _broadcast_mask(mask, input, name)
     if not (training or running_mean is None):
         y = batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
