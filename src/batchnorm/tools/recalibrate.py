@@ -8,9 +8,15 @@ normalized with batch statistics exactly as in training, and for every batch-nor
     count_k, mean_k, m2_k = sum over batch k of (x - mean_k)^2    (per channel, float64)
 
 merged with Chan's formula (`kernels.native.merge_stats`): the population mean weights each batch
-by its size, and
+by its size, and the pooled (count, mean, m2) is applied as one batch with momentum 1 through
+`rules.update_running_stats`, the rule every training forward applies:
 
-    running_mean = mean,   running_var = m2 / (count - 1)           (Bessel over the total count).
+    running_mean = mean,   running_var = m2 / (count - 1)           (Bessel over the total count),
+
+formed in the buffers' accumulation dtype and stored only if finite in the buffers' dtype (an fp16
+layer whose population variance exceeds 65504 keeps its statistics, with the rules' warning).
+Running statistics that are already non-finite (torch.nn stores a NaN batch's) are reset to 0 and
+1 first, so recalibrating repairs them.
 
 Under torch.distributed the per-rank partials are gathered and merged the same way, so every rank
 ends with the statistics of all ranks' batches. Non-batch-norm modules run in eval mode during the
@@ -33,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.kernels.native import merge_stats, stats
+from batchnorm.rules import update_running_stats
 from batchnorm.tools._common import (batch_inputs, batchnorm_types, is_domain, is_frozen,
                                      layer_values, limited, model_device, progress_bar, run_model,
                                      to_device, total_batches)
@@ -195,8 +202,15 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
         if not bool((count > 1).all()):
             raise ValueError(f"recalibrate: {name} saw one value per channel in total; the "
                              f"unbiased variance needs at least two: pass more or larger batches")
-        running_mean = m.running_mean if k is None else m.running_mean[k]
+        running_mean = m.running_mean if k is None else m.running_mean[k]  # a view of row k
         running_var = m.running_var if k is None else m.running_var[k]
-        running_mean.copy_(mean.to(running_mean.dtype))
-        running_var.copy_((m2 / (count - 1)).to(running_var.dtype))
+        # Momentum 1 gives the old values no weight, but lerp(old, new, 1) = new - (new - old) * 0
+        # is NaN where old is inf or NaN, which the rules refuse to store: a layer that torch.nn
+        # left with NaN statistics (one NaN batch in training) could never be repaired. Non-finite
+        # old values carry no information; they are reset (to a fresh layer's 0 and 1) first.
+        running_mean.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        running_var.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
+        # num_batches_tracked None: recalibrating is not a training step, and its count stays.
+        update_running_stats(running_mean, running_var, None, count, mean, m2, momentum=1.0,
+                             name=f"recalibrate: {name} ({type(m).__name__})")
     return model
