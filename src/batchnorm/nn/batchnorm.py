@@ -52,6 +52,41 @@ def unscriptable(layer: str) -> RuntimeError:
         f"if plain batch norm will do")
 
 
+# The hooks a training loop registers on a layer (profilers, activation statistics, DDP-style
+# gradient hooks): a replacement takes the very same dicts, so the RemovableHandles the user holds
+# still remove them from it.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
+
+
+def carry_over(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
+    """`new`, which replaces `old` in a model, with `old`'s training flag (its own: children keep
+    theirs) and forward, pre-forward and backward hooks; returns `new`. Parameters, devices and
+    dtypes are the converters' own business (they share or copy the tensors)."""
+    new.training = old.training
+    for attr in _HOOK_DICTS:
+        hooks = getattr(old, attr, None)
+        if hooks:
+            setattr(new, attr, hooks)
+    if old._backward_hooks:
+        new._is_full_backward_hook = old._is_full_backward_hook
+    return new
+
+
+def refuse_uninitialized(module: torch.nn.Module, tool: str, path: str) -> None:
+    """Raise for a lazy batch norm (torch.nn.LazyBatchNorm2d, ...) that has not run yet: its
+    num_features, and so every tensor a converter would move, exist only after its first forward,
+    which also turns it into a plain torch.nn.BatchNorm1d/2d/3d that converts as usual."""
+    if (isinstance(module, torch.nn.modules.lazy.LazyModuleMixin)
+            and module.has_uninitialized_params()):
+        raise ValueError(
+            f"{tool}: {path or 'the module'} is an uninitialized {type(module).__name__} (its "
+            f"num_features is set by its first forward); run the model once on an example batch "
+            f"first (e.g. with torch.no_grad(): model(example)), which makes it a "
+            f"{type(module).cls_to_become.__name__}, then call {tool}")
+
+
 class BatchNormBase(torch.nn.modules.batchnorm._BatchNorm):
     """The shared forward of our batch-norm layers; subclasses name the input ranks they accept."""
 

@@ -34,8 +34,8 @@ from torch import Tensor
 from batchnorm import functional as F
 from batchnorm.kernels import native
 from batchnorm.nn.batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d,
-                                    BatchNormAct2d, BatchNormAct3d, resolve_activation,
-                                    unscriptable)
+                                    BatchNormAct2d, BatchNormAct3d, carry_over,
+                                    refuse_uninitialized, resolve_activation, unscriptable)
 
 
 class FrozenBatchNormBase(torch.nn.Module):
@@ -133,7 +133,8 @@ def _frozen_copy(bn: torch.nn.modules.batchnorm._BatchNorm, frozen_cls, path: st
         frozen.running_var.copy_(bn.running_var)
         frozen.num_batches_tracked.copy_(bn.num_batches_tracked)
     frozen.train(bn.training)
-    return frozen if getattr(bn, "act", None) is None else torch.nn.Sequential(frozen, bn.act)
+    return carry_over(bn, frozen if getattr(bn, "act", None) is None
+                      else torch.nn.Sequential(frozen, bn.act))
 
 
 def _unfrozen_copy(frozen: FrozenBatchNormBase, plain_cls, act_cls):
@@ -143,7 +144,7 @@ def _unfrozen_copy(frozen: FrozenBatchNormBase, plain_cls, act_cls):
                                             device=frozen.running_mean.device,
                                             dtype=frozen.running_mean.dtype)
     bn.load_state_dict(frozen.state_dict())
-    return bn.train(frozen.training)
+    return carry_over(frozen, bn)  # weight and bias are new Parameters: trainable again
 
 
 def _swap(module: torch.nn.Module, convert, path: str = "", done: dict | None = None
@@ -169,12 +170,15 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every BatchNorm1d/2d/3d in `module` (in place) with a FrozenBatchNorm1d/2d/3d
     holding the same values; returns `module`, or the frozen layer if `module` is a batch norm.
     Layers that are not torch.nn.BatchNorm1d/2d/3d instances (Masked/DomainBatchNorm,
-    SyncBatchNorm) are left as they are.
+    SyncBatchNorm) are left as they are. The frozen layer keeps the training flag, the hooks,
+    the device and the statistics' dtype of the one it replaces.
 
     Raises:
-        ValueError: a batch norm without running statistics.
+        ValueError: a batch norm without running statistics; an uninitialized lazy batch norm
+            (run the model once first, which initializes it).
     """
     def convert(m, path):
+        refuse_uninitialized(m, "freeze", path)
         for bn_cls, frozen_cls, _, _ in _KINDS:
             if isinstance(m, bn_cls):
                 return _frozen_copy(m, frozen_cls, path)

@@ -2,9 +2,15 @@
 
 Every trainable kind keeps torch.nn's parameter and buffer names (weight, bias, running_mean,
 running_var, num_batches_tracked), so a swap moves the very same Parameter and buffer objects into
-the new layer: values, device, dtype, requires_grad and an optimizer's references all carry over,
-and the training flag is copied. FrozenBatchNorm holds its values as buffers, so converting to or
-from it copies them (through the family's `freeze`/`unfreeze`).
+the new layer: values, device, dtype, requires_grad and an optimizer's references all carry over;
+the training flag and the forward, pre-forward and backward hooks are the old layer's (the same
+hook dicts, so handles already held still remove them). FrozenBatchNorm holds its values as
+buffers, so converting to or from it copies them (through the family's `freeze`/`unfreeze`), on
+the same device and in the same dtype.
+
+An uninitialized lazy layer (torch.nn.LazyBatchNorm2d before its first forward) has no
+num_features and no tensors yet: converting it raises ValueError saying to run the model once
+first, after which it is a plain torch.nn.BatchNorm2d and converts as one.
 
 Activations: converting to "act" fuses the activation module that is the batch norm's only
 consumer (found with torch.fx, as fold finds its pairs) into the new BatchNormAct layer and puts an
@@ -34,7 +40,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import batchnorm.nn as family
-from batchnorm.nn.batchnorm import fused_activation
+from batchnorm.nn.batchnorm import carry_over, fused_activation, refuse_uninitialized
 from batchnorm.tools._common import activation_module, is_frozen, takes_second_argument
 from batchnorm.tools.fold import FoldReport, _graphs, _observe
 
@@ -134,8 +140,8 @@ def _swap(module: nn.Module, cls: type, kwargs: dict) -> nn.Module:
             and getattr(new, "syncable", False)):
         new.sync, new.process_group = True, module.process_group
     if _fused(module) and not _fused(new) and not issubclass(cls, family.BatchNormActBase):
-        return nn.Sequential(new, activation_module(module))
-    return new
+        return carry_over(module, nn.Sequential(new, activation_module(module)))
+    return carry_over(module, new)
 
 
 def _is_activation(module: nn.Module) -> bool:
@@ -212,8 +218,8 @@ def convert(model: nn.Module, to: str = "batchnorm", *, dim: int | None = None,
         `Change` per swapped layer. Layers already of the target class are left alone.
 
     Raises:
-        ValueError: an unknown `to`, a rank-agnostic source without `dim`, or (to="frozen") a
-            layer without running statistics.
+        ValueError: an unknown `to`, a rank-agnostic source without `dim`, an uninitialized
+            lazy layer, or (to="frozen") a layer without running statistics.
     """
     if to not in TARGETS:
         raise ValueError(f"convert: unknown target {to!r}; valid targets are "
@@ -230,6 +236,7 @@ def convert(model: nn.Module, to: str = "batchnorm", *, dim: int | None = None,
     def replacement(module: nn.Module, name: str) -> nn.Module | None:
         if not _is_source(module):
             return None
+        refuse_uninitialized(module, "convert", name)
         if id(module) not in swapped:
             cls = TARGETS[to][_rank(module, dim, name) - 1]
             extra = dict(kwargs)
