@@ -1,6 +1,7 @@
 """batchnorm: fast, complete and trustworthy batch normalization for PyTorch."""
 
 from batchnorm import functional
+from batchnorm.errors import ArgumentError
 from batchnorm.kernels.dispatch import BACKENDS, use_backend
 from batchnorm.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.nn import (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchRenorm1d,
@@ -14,6 +15,7 @@ from batchnorm.tools import adapt, convert, eval_gap, export_onnx, fold, recalib
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional", "use_backend", "BACKENDS",
+           "ArgumentError",
            "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
            "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
            "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",

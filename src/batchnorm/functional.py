@@ -17,6 +17,8 @@ every rank applies the same update.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -25,54 +27,112 @@ from torch import Tensor
 from batchnorm import kernels, rules
 from batchnorm.kernels import aten, dispatch, native
 from batchnorm.kernels.native import accumulation_dtype, merge_stats
-from batchnorm.rules import ONE_VALUE_FIX, check_eps, check_momentum, update_running_stats
+from batchnorm.errors import ArgumentError
+from batchnorm.rules import ONE_VALUE_FIX, update_running_stats
 
 __all__ = ["batch_norm", "batch_renorm", "ghost_batch_norm", "masked_batch_norm", "renorm_limits",
-           "check_momentum", "check_eps", "update_running_stats"]
+           "check_momentum", "check_eps", "update_running_stats", "ArgumentError"]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _check_input(input: Tensor, per_channel: dict[str, Tensor | None], name: str) -> None:
+def _check_input(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                 weight: Tensor | None, bias: Tensor | None, name: str) -> None:
+    """The input and the per-channel tensors. Runs on every call, so the common case costs a few
+    attribute reads: no containers are built, and the messages are formed only on failure."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: expected input to be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point input, got dtype {input.dtype}; "
                         f"convert it first, e.g. input.float()")
-    if input.ndim < 2:
+    shape = input.shape
+    if len(shape) >= 2:
+        channels = shape[1]
+    elif shape == (0,):
+        channels = 0  # torch.nn.functional's reading of a (0,) input: no channels, empty output
+    else:
         raise ValueError(f"{name}: expected input of shape (N, C, *spatial) with at least 2 "
                          f"dimensions, got shape {_shape(input)}")
-    channels = input.shape[1]
-    expected = next((t.shape[0] for t in per_channel.values() if t is not None and t.ndim == 1),
-                    channels)
-    if expected != channels:
-        raise ValueError(f"{name} expected input with {expected} channels (dim 1), got shape "
-                         f"{_shape(input)}")
-    for arg, tensor in per_channel.items():
-        if tensor is None:
-            continue
-        if tensor.shape != (channels,):
-            raise ValueError(f"{name}: {arg} must have shape ({channels},) to match the input's "
-                             f"{channels} channels, got shape {_shape(tensor)}")
+    on_cpu = input.is_cpu
+    for tensor in (running_mean, running_var, weight, bias):
+        if tensor is not None and not (
+                tensor.shape == (channels,)
+                and (tensor.is_cpu if on_cpu else tensor.device == input.device)):
+            _refuse_per_channel(input, channels, running_mean, running_var, weight, bias, name)
+
+
+def _refuse_per_channel(input: Tensor, channels: int, running_mean, running_var, weight, bias,
+                        name: str) -> None:
+    """Raise `ArgumentError` for the per-channel tensor that does not fit the input, by name and
+    in torch's words; but when two or more are given and all agree with each other (a layer built
+    for other data), the input is the odd one: a wrong input channel count."""
+    given = [(arg, t) for arg, t in (("running_mean", running_mean), ("running_var", running_var),
+                                     ("weight", weight), ("bias", bias)) if t is not None]
+    first = given[0][1]
+    if (len(given) > 1 and first.ndim == 1 and first.shape[0] != channels
+            and all(t.shape == first.shape for _, t in given)):
+        raise ArgumentError(
+            f"{name} expected input with {first.shape[0]} channels (dim 1), got shape "
+            f"{_shape(input)} ({', '.join(arg for arg, _ in given)} have {first.shape[0]} "
+            f"elements)")
+    for arg, tensor in given:
+        if tensor.ndim != 1:
+            raise ArgumentError(f"{name}: {arg} must have shape ({channels},) to match the "
+                                f"input's {channels} channels, got shape {_shape(tensor)}")
+        if tensor.shape[0] != channels:
+            raise ArgumentError(f"{name}: {arg} should contain {channels} elements not "
+                                f"{tensor.shape[0]} (one per channel of the input of shape "
+                                f"{_shape(input)})")
         if tensor.device != input.device:
-            raise ValueError(f"{name}: {arg} is on {tensor.device} but the input is on "
-                             f"{input.device}; move the layer with .to({str(input.device)!r})")
+            raise ArgumentError(f"{name}: {arg} is on {tensor.device} but the input is on "
+                                f"{input.device}; move the layer with .to({str(input.device)!r})")
+
+
+def check_eps(eps: float, name: str, batch_stats: bool = True) -> None:
+    """torch.nn.functional.batch_norm's rule: eps > 0 where batch statistics are normalized with
+    (their variance can be 0), eps >= 0 with running statistics; NaN is refused too (torch lets it
+    through to a NaN output). Raises `ArgumentError` with torch's words."""
+    if type(eps) is float and (eps > 0.0 or (eps == 0.0 and not batch_stats)):
+        return  # the common case, decided in one comparison
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{name}: eps must be a float, got {type(eps).__name__} {eps!r}")
+    if batch_stats and not eps > 0:
+        raise ArgumentError(f"{name}: eps must be positive during training, but got {eps} (it "
+                            f"is added to the batch variance, which can be 0); use e.g. 1e-5")
+    if not eps >= 0:
+        raise ArgumentError(f"{name}: eps must be non-negative, but got {eps}; use e.g. 1e-5")
+
+
+def check_momentum(momentum: float | None, name: str) -> None:
+    """torch.nn's rule: any real number (a value outside [0, 1] extrapolates the average, which
+    torch's own OpInfo samples do), or None for the cumulative average; only a non-finite one is
+    refused, since it would make every running statistic NaN. Checked where it is used: in
+    training with running statistics."""
+    if momentum is None or (type(momentum) is float and math.isfinite(momentum)):
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"{name}: momentum must be a float or None (cumulative average), got "
+                        f"{type(momentum).__name__} {momentum!r}")
+    if not math.isfinite(momentum):
+        raise ValueError(f"{name}: momentum must be finite (it would make the running statistics "
+                         f"NaN), got {momentum!r}; use e.g. 0.1, or None for a cumulative average")
 
 
 def _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name,
                      training, num_batches_tracked) -> None:
-    """The checks every batch-norm variant shares: input and per-channel tensors, momentum, eps,
-    and the running statistics' pairing."""
-    _check_input(input, {"running_mean": running_mean, "running_var": running_var,
-                         "weight": weight, "bias": bias}, name)
-    check_momentum(momentum, name)
-    check_eps(eps, name)
+    """The checks every batch-norm variant shares: input and per-channel tensors, eps, and, where
+    the running statistics are updated, momentum and the statistics' pairing."""
+    _check_input(input, running_mean, running_var, weight, bias, name)
+    check_eps(eps, name, batch_stats=training or running_mean is None)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{name}: running_mean and running_var must both be given or both be None")
-    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+    if training and running_mean is not None:
+        check_momentum(momentum, name)
+        if momentum is None and num_batches_tracked is None:
+            raise ValueError(f"{name}: momentum=None (cumulative average) needs "
+                             f"num_batches_tracked")
 
 
 def _check_epilogue(input, residual, activation, negative_slope, name) -> None:
@@ -101,13 +161,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     both hold. Ioffe & Szegedy 2015, arXiv 1502.03167.
 
     Args:
-        input: (N, C, *spatial), any floating dtype; fp16/bf16 accumulate in fp32.
+        input: (N, C, *spatial), any floating dtype; fp16/bf16 accumulate in fp32. A (0,) input
+            (with (0,) or no per-channel tensors) returns an empty tensor, as torch's does.
         running_mean, running_var: (C,) buffers or None.
         weight, bias: (C,) affine parameters or None.
         training: use (and update) batch statistics.
-        momentum: EMA factor in [0, 1], or None for a cumulative average (needs
-            `num_batches_tracked`).
-        eps: added to the variance, > 0.
+        momentum: EMA factor, usually in [0, 1] (any finite value, as in torch: outside it
+            extrapolates), or None for a cumulative average (needs `num_batches_tracked`); read
+            only in training with running statistics.
+        eps: added to the variance: > 0 where batch statistics are used, >= 0 in eval.
         num_batches_tracked: 0-dim long buffer, incremented on each finite training update.
         residual: tensor shaped like `input`, added before the activation.
         activation: one of `kernels.ACTIVATIONS`, fused into the same kernel where that pays.
@@ -124,10 +186,13 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         A tensor shaped like `input`, in its dtype and memory format.
 
     Raises:
-        TypeError: non-tensor or integer input.
-        ValueError: bad shapes, devices, momentum or eps; training with one value per channel
-            (with `sync`, one value over all ranks); `sync` on a rank outside `process_group`;
-            vmap over a training call that updates running statistics.
+        TypeError: non-tensor or integer input, a non-number eps or momentum.
+        ArgumentError (both ValueError and RuntimeError, as torch raises one or the other): a
+            per-channel tensor of the wrong size or device, a wrong input channel count, eps
+            <= 0 in training or < 0 in eval; the message carries torch's words.
+        ValueError: a wrong input rank, a non-finite momentum; training with one value per
+            channel (with `sync`, one value over all ranks); `sync` on a rank outside
+            `process_group`; vmap over a training call that updates running statistics.
         RuntimeError: with `sync`, a collective failed (a rank died or timed out); the message
             names the layer.
     """
@@ -526,8 +591,9 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                           num_batches_tracked=num_batches_tracked, layer_name=name,
                           warn_key=warn_key)
-    _check_input(input, {"running_mean": running_mean, "running_var": running_var,
-                         "weight": weight, "bias": bias}, name)
+    _check_input(input, running_mean, running_var, weight, bias, name)
+    if input.ndim == 1:  # the (0,) input, which `_check_input` lets through: empty, as batch_norm
+        return input.clone()
     mask = _broadcast_mask(mask, input, name)
     if not (training or running_mean is None):
         y = batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,

@@ -5,6 +5,7 @@ import torch
 
 import batchnorm
 from batchnorm import reference
+from tests.conftest import assert_close_scaled
 
 ACTS = ["identity", "relu", "leaky_relu", "silu", "gelu_tanh"]
 
@@ -73,13 +74,30 @@ def test_state_dict_is_batchnorms_and_loads_both_ways():
     torch.nn.BatchNorm2d(4).load_state_dict(fused.state_dict())
 
 
+class SiLUSubclass(torch.nn.SiLU):
+    """Keeps nn.SiLU's forward: the same function, fused."""
+
+
+class ShiftedSiLU(torch.nn.SiLU):
+    """A forward of its own: not nn.SiLU's function, so never fused."""
+
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def _transformers_silu():
+    return pytest.importorskip("transformers.activations").SiLUActivation()
+
+
 @pytest.mark.parametrize("act, expected", [
     (torch.nn.ReLU(), "relu"), (torch.nn.ReLU, "relu"), (torch.nn.SiLU(), "silu"),
+    (SiLUSubclass(), "silu"), (_transformers_silu, "silu"),
     ("swish", "silu"), (None, "identity"), (torch.nn.Identity(), "identity"),
     (torch.nn.GELU(approximate="tanh"), "gelu_tanh"), (torch.nn.LeakyReLU(0.3), "leaky_relu")])
 def test_act_by_name_module_or_class(act, expected):
+    act = act() if callable(act) and not isinstance(act, (type, torch.nn.Module)) else act
     layer = batchnorm.BatchNormAct1d(2, act=act)
-    assert layer.activation == expected
+    assert layer.activation == expected and "act" not in layer._modules
     if expected == "leaky_relu":
         assert layer.negative_slope == 0.3
 
@@ -120,13 +138,54 @@ def test_negative_leaky_relu_slope_matches_torch_nn(backend, training):
 def test_errors_name_layer_and_fix():
     with pytest.raises(ValueError, match=r"BatchNormAct2d\(4\): unknown activation 'tanh'.*relu"):
         batchnorm.BatchNormAct2d(4, act="tanh")
-    with pytest.raises(ValueError, match=r"no fused kernel.*after a BatchNorm layer"):
-        batchnorm.BatchNormAct2d(4, act=torch.nn.Tanh())
+    # FrozenBatchNorm fuses or refuses: it has no unfused form
+    with pytest.raises(ValueError, match=r"FrozenBatchNorm2d\(4\): .*no fused kernel.*after a "
+                                         r"BatchNorm layer"):
+        batchnorm.FrozenBatchNorm2d(4, act=torch.nn.Tanh())
     with pytest.raises(ValueError, match=r"no fused kernel"):
-        batchnorm.BatchNormAct2d(4, act=torch.nn.GELU())
+        batchnorm.FrozenBatchNorm2d(4, act=torch.nn.GELU())
+    with pytest.raises(ValueError, match=r"unknown activation 'relu6'"):
+        batchnorm.BatchNormAct2d(4, act="relu6")  # a name must be a fused one
     with pytest.raises(ValueError, match=r"negative_slope must be a number, got 'steep'"):
         batchnorm.BatchNormAct2d(4, act="leaky_relu", negative_slope="steep")
     with pytest.raises(ValueError, match=r"residual must have the input's shape"):
         batchnorm.BatchNormAct2d(4)(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 2))
     with pytest.raises(ValueError, match=r"BatchNormAct2d\(4\): expected 4D input \(got 3D"):
         batchnorm.BatchNormAct2d(4)(torch.randn(2, 4, 3))
+
+
+@pytest.mark.parametrize("act", [torch.nn.ReLU6(), torch.nn.Hardswish, torch.nn.Tanh(),
+                                 torch.nn.GELU(), ShiftedSiLU()], ids=repr)
+def test_unfused_activation_is_a_submodule_applied_after(act):
+    """timm's BatchNormAct2d takes any act_layer; ours fuses what it can and applies the rest
+    after the kernel: the output, gradients and running statistics are torch.nn's
+    act(BatchNorm2d(x) + residual), and torch.nn BatchNorm2d state_dicts load both ways."""
+    module = act() if isinstance(act, type) else act
+    ours = batchnorm.BatchNormAct2d(3, act=act).double()
+    assert ours.activation == "identity" and type(ours.act) is type(module)
+    assert "(act): " in repr(ours) and "act='identity'" not in repr(ours)
+    theirs = torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 2.0)
+        theirs.bias.uniform_(-1.0, 1.0)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 3).requires_grad_()
+    z = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    x2, z2 = x.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    y, y2 = ours(x, z), module(theirs(x2) + z2)
+    assert_close_scaled(y, y2, 1e-10, "output")
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y2.backward(grad)
+    assert_close_scaled(x.grad, x2.grad, 1e-10, "dx")
+    assert_close_scaled(z.grad, z2.grad, 1e-10, "dresidual")
+    assert_close_scaled(ours.weight.grad, theirs.weight.grad, 1e-10, "dweight")
+    assert_close_scaled(ours.running_var, theirs.running_var, 1e-10, "running_var")
+    torch.nn.BatchNorm2d(3).double().load_state_dict(ours.state_dict())
+
+
+def test_unfused_activation_with_parameters_adds_its_keys():
+    layer = batchnorm.BatchNormAct2d(3, act=torch.nn.PReLU())
+    assert list(layer.state_dict())[-1] == "act.weight"
+    assert any(p is layer.act.weight for p in layer.parameters())

@@ -152,3 +152,37 @@ def test_affine_without_bias_matches_torch():
     y = ours(x)
     y.sum().backward()
     assert_close_scaled(y, ref(x), 1e-5, "output")
+
+
+@pytest.mark.parametrize("layer,shape,kwargs", [
+    (batchnorm.BatchNorm1d, (6, 4, 3), {"affine": False}),
+    (batchnorm.BatchNorm2d, (6, 4, 5, 5), {"momentum": None}),
+    (batchnorm.BatchNorm3d, (6, 4, 2, 3, 3), {"bias": False})])
+def test_torch_jit_script_compiles_the_torch_nn_layer_on_the_same_state(layer, shape, kwargs):
+    """torch.jit.script compiles torch.nn's layer in place of ours (`__prepare_scriptable__`),
+    holding our Parameters and buffers: it trains them as torch.nn would."""
+    ours = layer(4, **kwargs)
+    torch_cls = getattr(torch.nn, layer.__name__)
+    reference = torch_cls(4, **kwargs)
+    scripted = torch.jit.script(torch.nn.Sequential(ours))
+    x = torch.randn(shape)
+    for _ in range(2):
+        torch.testing.assert_close(scripted(x), reference(x))
+    torch.testing.assert_close(dict(ours.named_buffers()), dict(reference.named_buffers()))
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    scripted.eval()
+    reference.eval()
+    torch.testing.assert_close(scripted(x), reference(x))
+
+
+@pytest.mark.parametrize("layer", [
+    lambda: batchnorm.BatchNormAct2d(4), lambda: batchnorm.BatchRenorm2d(4),
+    lambda: batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2),
+    lambda: batchnorm.MaskedBatchNorm2d(4), lambda: batchnorm.FrozenBatchNorm2d(4),
+    lambda: batchnorm.BatchNorm2d(4, sync=True), lambda: batchnorm.SyncBatchNorm(4)])
+def test_torch_jit_script_of_a_layer_without_torch_equivalent_says_what_to_use(layer):
+    module = layer()
+    with pytest.raises(RuntimeError, match=rf"{type(module).__name__}\(4\).*: torch.jit.script "
+                                           r"cannot compile this layer.*use torch.jit.trace or "
+                                           r"torch.export.*convert\(model, to='torch'\)"):
+        torch.jit.script(torch.nn.Sequential(torch.nn.Identity(), module))

@@ -841,3 +841,28 @@ def test_ddp_example_runs_under_torchrun():
                       output)
     assert match, output
     assert float(match.group(2)) < float(match.group(1))
+
+
+def _world_mismatched_channels(rank, world):
+    """Rank r holds a SyncBatchNorm of 3 + r channels: a model built differently per rank."""
+    layer = batchnorm.SyncBatchNorm(3 + rank)
+    x = torch.randn(4, 3 + rank, 2)
+    try:
+        layer(x)
+    except Exception as error:  # noqa: BLE001 - the message is the result
+        return {"type": type(error).__name__, "message": str(error),
+                "running_mean": layer.running_mean.clone()}
+    return {"type": None, "message": "", "running_mean": layer.running_mean.clone()}
+
+
+@pytest.mark.xfail(strict=True, reason="core: ranks that disagree on the channel count get a "
+                   "ValueError on every rank naming the layer and each rank's count, not a gloo "
+                   "size error or a hang; functional's _sync_batch_stats needs to gather the "
+                   "counts first")
+def test_ranks_with_mismatched_channel_counts(tmp_path):
+    ranks = _launch(2, "_world_mismatched_channels", tmp_path, timeout_s=10)
+    for rank, result in enumerate(ranks):
+        assert result["type"] == "ValueError", result
+        assert re.search(rf"SyncBatchNorm\({3 + rank}\).*rank 0 has 3.*rank 1 has 4 channels",
+                         result["message"]), result["message"]
+        assert torch.equal(result["running_mean"], torch.zeros(3 + rank))

@@ -90,3 +90,133 @@ def test_convert_root_layer_sync_and_errors():
     with pytest.raises(ValueError, match="valid targets are .*'batchnorm'.*'torch'"):
         convert(model, to="nope")
     assert {"batchnorm", "torch"} <= set(TARGETS)
+
+
+@pytest.mark.parametrize("to", ["batchnorm", "frozen", "act", "renorm", "freeze"])
+def test_layer_registered_under_two_names_is_converted_once(to):
+    """m.a = m.b = bn (one module, two names): one new layer, put at both names, listed once."""
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.fill_(0.25)
+    model = nn.Module()
+    model.a = bn
+    model.b = bn
+    if to == "freeze":
+        model = batchnorm.freeze(model)
+        changes = None
+    else:
+        model, changes = convert(model, to=to)
+        assert [c.name for c in changes] == ["a"]
+    assert model.a is model.b and type(model.a) is not nn.BatchNorm2d
+    assert torch.equal(model.a.running_mean, torch.full((3,), 0.25))
+    if to in ("batchnorm", "act", "renorm"):
+        assert model.a.running_mean is bn.running_mean  # the very same buffer
+
+
+@pytest.mark.parametrize("act, fused", [
+    (nn.ReLU(), "relu"), (nn.SiLU(), "silu"), (nn.LeakyReLU(0.2), "leaky_relu"),
+    (nn.GELU(approximate="tanh"), "gelu_tanh"), ("subclass", "silu"), ("transformers", "silu"),
+    (nn.ReLU6(), None), (nn.Hardswish(), None), (nn.GELU(), None)], ids=repr)
+def test_convert_to_act_fuses_its_functions_and_says_why_not_for_others(act, fused):
+    if act == "subclass":
+        act = type("MySiLU", (nn.SiLU,), {})()
+    elif act == "transformers":
+        act = pytest.importorskip("transformers.activations").SiLUActivation()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), act, nn.Conv2d(4, 2, 1))
+    model(torch.randn(8, 3, 6, 6))  # running statistics off their initial values
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    converted, changes = convert(model, to="act")
+    (change,) = changes
+    assert type(converted[1]) is batchnorm.BatchNormAct2d
+    if fused:
+        assert converted[1].activation == fused and type(converted[2]) is nn.Identity
+        assert change.note == ""
+    else:
+        assert converted[1].activation == "identity" and converted[2] is act
+        assert f"2 ({type(act).__name__}) not fused: no fused kernel" in str(change)
+    _assert_close(converted(x), expected)
+
+
+def _converters():
+    """(function model -> converted model, whether weight stays the same Parameter, the source
+    layer class: one the tool replaces)."""
+    def via(to):
+        return lambda m: convert(m, to=to)[0]
+    return [*[pytest.param(via(to), to != "frozen",
+                           batchnorm.BatchNorm2d if to == "torch" else nn.BatchNorm2d,
+                           id=f"convert-{to}")
+              for to in ("batchnorm", "torch", "act", "renorm", "ghost", "frozen", "sync")],
+            pytest.param(batchnorm.convert_sync_batchnorm, True, nn.BatchNorm2d,
+                         id="convert_sync_batchnorm"),
+            pytest.param(batchnorm.freeze, False, nn.BatchNorm2d, id="freeze"),
+            pytest.param(lambda m: batchnorm.unfreeze(batchnorm.freeze(m)), False, nn.BatchNorm2d,
+                         id="freeze-unfreeze")]
+
+
+@pytest.mark.parametrize("tool,shares_weight,source", _converters())
+def test_converters_keep_the_loops_state(tool, shares_weight, source):
+    """Issue 19 item 7 (mmengine #1624, timm #2422 lost the training flag): the replacement has
+    the old layer's training flag, requires_grad, hooks (still removable by the handles held),
+    device and dtype; and computes the same eval output (torch.nn's layer as the oracle)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), source(4), nn.ReLU()).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 1.5)
+    model[1].eval()                              # a layer in eval inside a training model
+    model[1].bias.requires_grad_(False)
+    weight = model[1].weight
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    expected = model(x)                          # before conversion (torch.nn's, or ours for "torch")
+    calls = []
+    pre = model[1].register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    post = model[1].register_forward_hook(lambda m, args, out: calls.append("post"))
+    model = tool(model)
+    bn = model[1]
+    assert type(bn) is not source                # converted
+    assert model.training and not bn.training
+    tensors = dict(bn.named_parameters()) | dict(bn.named_buffers())
+    assert all(t.dtype in (torch.float64, torch.long) and t.device.type == "cpu"
+               for t in tensors.values())
+    if shares_weight:
+        assert bn.weight is weight and not bn.bias.requires_grad
+    torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
+    assert calls == ["pre", "post"]
+    pre.remove(), post.remove()
+    model(x)
+    assert calls == ["pre", "post"]              # the handles removed them from the new layer
+
+
+@pytest.mark.parametrize("tool", [batchnorm.convert_sync_batchnorm, batchnorm.freeze,
+                                  lambda m: convert(m, to="batchnorm")[0],
+                                  lambda m: convert(m, to="frozen")[0]],
+                         ids=["convert_sync_batchnorm", "freeze", "convert", "convert-frozen"])
+def test_converters_keep_device_on_meta(tool):
+    """Device: a model on the meta device converts without tensors landing on the CPU."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model = tool(model)
+    assert all(t.is_meta for t in [*model[1].parameters(), *model[1].buffers()])
+
+
+@pytest.mark.parametrize("tool,name", [
+    (lambda m: convert(m, to="batchnorm"), "convert"),
+    (lambda m: convert(m, to="frozen"), "convert"),
+    (batchnorm.convert_sync_batchnorm, "convert_sync_batchnorm"),
+    (batchnorm.freeze, "freeze")], ids=["convert", "convert-frozen", "sync", "freeze"])
+def test_uninitialized_lazy_batch_norm_says_to_run_the_model_first(tool, name):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=rf"{name}: 1 is an uninitialized LazyBatchNorm2d \(its "
+                                         rf"num_features is set by its first forward\); run the "
+                                         rf"model once on an example batch first .* which makes "
+                                         rf"it a BatchNorm2d, then call {name}"):
+        tool(model)
+    assert type(model[1]) is nn.LazyBatchNorm2d  # nothing was changed
+    with torch.no_grad():
+        model(torch.randn(2, 3, 4, 4))           # the fix the message names
+    converted = tool(model)
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    assert converted[1].num_features == 4 and type(converted[1]) is not nn.LazyBatchNorm2d

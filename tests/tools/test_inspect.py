@@ -92,3 +92,18 @@ def test_plot_writes_a_png(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
     with pytest.raises(ValueError, match="no records"):
         plot([])
+
+
+def test_track_and_eval_gap_measure_masked_batch_norm_on_valid_positions():
+    bn = batchnorm.MaskedBatchNorm1d(2)
+    x = torch.randn(3, 2, 6)
+    mask = torch.arange(6) < torch.tensor([6, 1, 4])[:, None]
+    x = x.masked_fill(~mask[:, None], 1e4)
+    valid = x.movedim(1, -1)[mask].double()
+    expected = (valid.mean(0).abs() / (1 + bn.eps) ** 0.5).mean().item()
+    rows = eval_gap(bn, [{"input": x, "mask": mask}])
+    assert rows[0]["mean_gap"] == pytest.approx(expected, rel=1e-9)
+    with track(bn) as tracker:
+        bn(x, mask)
+    gap = next(r["value"] for r in tracker.records if r["quantity"] == "mean_gap")
+    assert gap == pytest.approx(expected, rel=1e-9)

@@ -158,3 +158,88 @@ def test_recalibrate_across_two_gloo_ranks():
         assert_population(model, expected)
         model.load_state_dict(synced)
         assert_population(model, expected_synced)
+
+
+def test_a_non_finite_batch_is_left_out_with_a_warning_naming_layer_and_batch():
+    model = tiny_cnn()
+    data = batches(3)
+    clean = [b for i, b in enumerate(data) if i != 2]
+    data[2][1, 0, 4, 4] = float("nan")
+    expected = float64_population(model, clean)
+    with pytest.warns(RuntimeWarning, match=r"recalibrate: 1 \(BatchNorm2d\) got non-finite "
+                                            r"values in batch 2; that batch is left out"):
+        recalibrate(model, data, progress=False)
+    for name, (mean, var) in expected.items():
+        m = model.get_submodule(name)
+        assert torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()
+        assert (m.running_mean.double() - mean).abs().max() <= 1e-5 * max(1, mean.abs().max())
+        assert (m.running_var.double() - var).abs().max() <= 1e-5 * max(1, var.abs().max())
+
+
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = batchnorm.MaskedBatchNorm1d(3)
+
+    def forward(self, x, mask):
+        return self.bn(x, mask=mask)
+
+
+def _padded(seed, lengths):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), 3, max(lengths), generator=g) * 2 + 1
+    mask = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+    return x.masked_fill(~mask[:, None], 1e4), mask  # padding far off the data
+
+
+@pytest.mark.parametrize("tool", ["recalibrate", "adapt"])
+def test_masked_batch_norm_statistics_are_over_valid_positions_only(tool):
+    data = [_padded(0, [7, 2, 5]), _padded(1, [3, 6])]
+    valid = torch.cat([x.movedim(1, -1)[mask] for x, mask in data]).double()
+    model = _Masked()
+    getattr(batchnorm, tool)(model, [{"x": x, "mask": m} for x, m in data], progress=False)
+    torch.testing.assert_close(model.bn.running_mean.double(), valid.mean(0))
+    torch.testing.assert_close(model.bn.running_var.double(), valid.var(0))
+
+
+def test_statistics_a_nan_batch_corrupted_in_torch_nn_are_repaired():
+    """torch.nn stores a NaN batch's statistics; recalibrating replaces them with the population's
+    (the update is the rules' momentum-1 step, which must not carry the old NaN through)."""
+    model = tiny_cnn()
+    model[4].train()(torch.full((2, 6, 3, 3), float("nan")))  # torch.nn's layer: NaN stored
+    model[4].running_var[0] = float("inf")
+    assert not torch.isfinite(model[4].running_mean).any()
+    data = batches(4)
+    expected = float64_population(model, data)
+    recalibrate(model, data, progress=False)
+    assert_population(model, expected)
+
+
+def test_fp16_population_variance_beyond_65504_is_not_stored():
+    """The rules' guard, applied by recalibrate: the unbiased variance overflows fp16, so the
+    layer keeps its statistics and the warning names it."""
+    model = nn.Sequential(batchnorm.BatchNorm1d(2)).half()
+    model[0].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [(torch.randn(32, 2) * 400).half() for _ in range(2)]
+    with pytest.warns(RuntimeWarning, match=r"recalibrate: 0 \(BatchNorm1d\): the batch statistics "
+                                            r"are not finite or overflow the running statistics' "
+                                            r"dtype"):
+        recalibrate(model, data, progress=False)
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
+
+
+def test_recalibrate_equals_torch_nn_on_the_concatenated_batch():
+    """A second oracle: torch.nn's BatchNorm with momentum 1 over all batches at once (one
+    training step) stores the population mean and unbiased variance."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), batchnorm.BatchNorm1d(4))
+    data = [torch.randn(n, 5) * 2 + 3 for n in (7, 2, 13)]
+    reference = nn.BatchNorm1d(4, momentum=1.0)
+    with torch.no_grad():
+        reference(model[0](torch.cat(data)))
+    tracked = model[1].num_batches_tracked.clone()
+    recalibrate(model, data, progress=False)
+    torch.testing.assert_close(model[1].running_mean, reference.running_mean)
+    torch.testing.assert_close(model[1].running_var, reference.running_var)
+    assert torch.equal(model[1].num_batches_tracked, tracked)

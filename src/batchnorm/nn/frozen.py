@@ -20,7 +20,8 @@ our BatchNorm (BatchNormAct where an activation is fused).
 
 Args (all layers):
     num_features: C.
-    eps: added to running_var. Default 1e-5.
+    eps: added to running_var, >= 0 (the forward checks it, as eval-mode batch norm does: a
+        layer frozen from one with eps=0 works). Default 1e-5.
     act, negative_slope: a fused activation, as BatchNormAct. Default "identity".
     device, dtype: of the buffers.
 """
@@ -33,7 +34,8 @@ from torch import Tensor
 from batchnorm import functional as F
 from batchnorm.kernels import native
 from batchnorm.nn.batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d,
-                                    BatchNormAct2d, BatchNormAct3d, resolve_activation)
+                                    BatchNormAct2d, BatchNormAct3d, carry_over,
+                                    refuse_uninitialized, resolve_activation, unscriptable)
 
 
 class FrozenBatchNormBase(torch.nn.Module):
@@ -48,7 +50,6 @@ class FrozenBatchNormBase(torch.nn.Module):
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got "
                              f"{num_features!r}")
         self.num_features, self.eps = num_features, eps
-        F.check_eps(eps, self.layer_name)
         self.activation, self.negative_slope = resolve_activation(act, negative_slope,
                                                                   self.layer_name)
         factory = {"device": device, "dtype": dtype}
@@ -67,6 +68,10 @@ class FrozenBatchNormBase(torch.nn.Module):
         """The per-channel (a, b) of y = a*x + b (before the activation)."""
         return native.scale_shift(self.running_mean, torch.rsqrt(self.running_var + self.eps),
                                   self.weight, self.bias)
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """torch.jit.script hook: a clear error (see `unscriptable`) instead of TorchScript's."""
+        raise unscriptable(self.layer_name)
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, Tensor) and input.ndim not in self._input_ranks:
@@ -112,6 +117,8 @@ _KINDS = ((torch.nn.BatchNorm1d, FrozenBatchNorm1d, BatchNorm1d, BatchNormAct1d)
 
 
 def _frozen_copy(bn: torch.nn.modules.batchnorm._BatchNorm, frozen_cls, path: str):
+    """The frozen layer; nn.Sequential(frozen, act) for a BatchNormAct whose activation has no
+    fused kernel (kept as its `act` submodule), as convert does for a layer losing its fusion."""
     if bn.running_mean is None:
         raise ValueError(f"freeze: {path or 'the module'} ({type(bn).__name__}) has no running "
                          f"statistics (track_running_stats=False), so there is nothing to freeze")
@@ -125,7 +132,9 @@ def _frozen_copy(bn: torch.nn.modules.batchnorm._BatchNorm, frozen_cls, path: st
         frozen.running_mean.copy_(bn.running_mean)
         frozen.running_var.copy_(bn.running_var)
         frozen.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return frozen.train(bn.training)
+    frozen.train(bn.training)
+    return carry_over(bn, frozen if getattr(bn, "act", None) is None
+                      else torch.nn.Sequential(frozen, bn.act))
 
 
 def _unfrozen_copy(frozen: FrozenBatchNormBase, plain_cls, act_cls):
@@ -135,15 +144,25 @@ def _unfrozen_copy(frozen: FrozenBatchNormBase, plain_cls, act_cls):
                                             device=frozen.running_mean.device,
                                             dtype=frozen.running_mean.dtype)
     bn.load_state_dict(frozen.state_dict())
-    return bn.train(frozen.training)
+    return carry_over(frozen, bn)  # weight and bias are new Parameters: trainable again
 
 
-def _swap(module: torch.nn.Module, convert, path: str = "") -> torch.nn.Module:
+def _swap(module: torch.nn.Module, convert, path: str = "", done: dict | None = None
+          ) -> torch.nn.Module:
+    """`module` with `convert` applied to it or else to its descendants, in place. A module
+    registered under several names is converted once and the one result put at every name
+    (`done`: id -> result; it also keeps the originals alive, so their ids stay unique)."""
+    done = {} if done is None else done
+    if id(module) in done:
+        return done[id(module)][1]
     replaced = convert(module, path)
+    done[id(module)] = (module, module if replaced is None else replaced)
     if replaced is not None:
         return replaced
-    for name, child in module.named_children():
-        setattr(module, name, _swap(child, convert, f"{path}.{name}" if path else name))
+    # _modules, not named_children(), which skips a child already seen under another name
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            setattr(module, name, _swap(child, convert, f"{path}.{name}" if path else name, done))
     return module
 
 
@@ -151,12 +170,15 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every BatchNorm1d/2d/3d in `module` (in place) with a FrozenBatchNorm1d/2d/3d
     holding the same values; returns `module`, or the frozen layer if `module` is a batch norm.
     Layers that are not torch.nn.BatchNorm1d/2d/3d instances (Masked/DomainBatchNorm,
-    SyncBatchNorm) are left as they are.
+    SyncBatchNorm) are left as they are. The frozen layer keeps the training flag, the hooks,
+    the device and the statistics' dtype of the one it replaces.
 
     Raises:
-        ValueError: a batch norm without running statistics.
+        ValueError: a batch norm without running statistics; an uninitialized lazy batch norm
+            (run the model once first, which initializes it).
     """
     def convert(m, path):
+        refuse_uninitialized(m, "freeze", path)
         for bn_cls, frozen_cls, _, _ in _KINDS:
             if isinstance(m, bn_cls):
                 return _frozen_copy(m, frozen_cls, path)

@@ -23,7 +23,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from batchnorm.nn.batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase,
+                                    carry_over, refuse_uninitialized)
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -92,8 +93,9 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch
 
     - torch.nn BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm and our plain BatchNorm1d/2d/3d are
       replaced by `SyncBatchNorm` sharing the same parameter and buffer tensors (so weights,
-      running statistics, device, dtype and an existing optimizer's references carry over), with
-      the same training mode; `revert_sync_batchnorm` restores the original class.
+      running statistics, device, dtype, requires_grad and an existing optimizer's references carry
+      over), with the same training mode and hooks; `revert_sync_batchnorm` restores the original
+      class.
     - Our other layers (a subclass of `BatchNormBase`: BatchNormAct, BatchRenorm, ...) are switched
       in place (`sync=True`, `process_group`), keeping their class and behaviour. Ghost, masked
       and domain batch norm, whose statistics are not one batch's, have no sync option: they are
@@ -101,6 +103,9 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch
     - Other subclasses of torch's `_BatchNorm` have a forward of their own that a SyncBatchNorm
       would silently drop (e.g. timm's fused activation, pytorch#187298): they are left as they are
       and the same warning names them.
+
+    - An uninitialized lazy batch norm (torch.nn.LazyBatchNorm2d before its first forward)
+      raises ValueError: run the model once first, which makes it a plain BatchNorm2d.
 
     Like torch's, this edits containers in place and returns the converted module (a new object
     only when `module` itself is replaced). Call it before wrapping the model in DDP.
@@ -138,6 +143,7 @@ def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
 
 def _convert(module: torch.nn.Module, process_group, path: str, skipped: list[str]
              ) -> torch.nn.Module:
+    refuse_uninitialized(module, "convert_sync_batchnorm", path)
     converted = module
     if type(module) in _PLAIN or type(module) is torch.nn.SyncBatchNorm:
         converted = _rebuild(module, SyncBatchNorm, process_group=process_group)
@@ -154,15 +160,15 @@ def _convert(module: torch.nn.Module, process_group, path: str, skipped: list[st
 
 
 def _rebuild(module: torch.nn.modules.batchnorm._BatchNorm, cls: type, **kwargs) -> torch.nn.Module:
-    """A `cls` layer holding `module`'s own parameter and buffer tensors, training mode and
-    children. Built on the meta device so no throw-away tensors are allocated on the real one."""
+    """A `cls` layer holding `module`'s own parameter and buffer tensors, children, training mode
+    and hooks. Built on the meta device so no throw-away tensors are allocated on the real one."""
     rebuilt = cls(module.num_features, module.eps, module.momentum, module.affine,
                   module.track_running_stats, device="meta", **kwargs)
     rebuilt._parameters.update(module._parameters)
     rebuilt._buffers.update(module._buffers)
-    rebuilt.training = module.training
     for name, child in module.named_children():
         rebuilt.add_module(name, child)
+    carry_over(module, rebuilt)
     if hasattr(module, "qconfig"):
         rebuilt.qconfig = module.qconfig
     return rebuilt

@@ -32,6 +32,24 @@ def takes_second_argument(module: nn.Module) -> bool:
     return isinstance(module, (family.MaskedBatchNormBase, family.DomainBatchNormBase))
 
 
+def layer_values(module: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+    """The values a batch-norm call's statistics are over, from its arguments (as a forward
+    pre-hook sees them): the input, or for a MaskedBatchNorm with a mask the input's valid
+    positions as an (M, C) tensor. None for a mask the layer's forward will refuse (it raises its
+    own error then). The input may be passed as `input=`."""
+    x = args[0] if args else kwargs["input"]
+    mask = args[1] if len(args) > 1 else kwargs.get("mask")
+    if not isinstance(module, family.MaskedBatchNormBase) or mask is None:
+        return x
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        return None
+    try:
+        mask = torch.broadcast_to(mask, x.shape[:1] + x.shape[2:])
+    except RuntimeError:
+        return None
+    return x.movedim(1, -1)[mask]
+
+
 def is_domain(module: nn.Module) -> bool:
     return isinstance(module, family.DomainBatchNormBase)
 
@@ -42,7 +60,10 @@ def is_frozen(module: nn.Module) -> bool:
 
 
 def activation_module(layer: nn.Module) -> nn.Module:
-    """The torch.nn module for a layer's fused activation (BatchNormAct, FrozenBatchNorm)."""
+    """The torch.nn module for a layer's activation (BatchNormAct, FrozenBatchNorm): the fused
+    one's, or the unfused module a BatchNormAct holds as `act`."""
+    if getattr(layer, "act", None) is not None:
+        return layer.act
     act = getattr(layer, "activation", "identity")
     slope = getattr(layer, "negative_slope", 0.01)
     return {"identity": nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU,

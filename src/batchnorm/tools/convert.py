@@ -2,14 +2,26 @@
 
 Every trainable kind keeps torch.nn's parameter and buffer names (weight, bias, running_mean,
 running_var, num_batches_tracked), so a swap moves the very same Parameter and buffer objects into
-the new layer: values, device, dtype, requires_grad and an optimizer's references all carry over,
-and the training flag is copied. FrozenBatchNorm holds its values as buffers, so converting to or
-from it copies them (through the family's `freeze`/`unfreeze`).
+the new layer: values, device, dtype, requires_grad and an optimizer's references all carry over;
+the training flag and the forward, pre-forward and backward hooks are the old layer's (the same
+hook dicts, so handles already held still remove them). FrozenBatchNorm holds its values as
+buffers, so converting to or from it copies them (through the family's `freeze`/`unfreeze`), on
+the same device and in the same dtype.
+
+An uninitialized lazy layer (torch.nn.LazyBatchNorm2d before its first forward) has no
+num_features and no tensors yet: converting it raises ValueError saying to run the model once
+first, after which it is a plain torch.nn.BatchNorm2d and converts as one.
 
 Activations: converting to "act" fuses the activation module that is the batch norm's only
 consumer (found with torch.fx, as fold finds its pairs) into the new BatchNormAct layer and puts an
-nn.Identity in its place; a fused activation converted to a kind without one becomes
-nn.Sequential(layer, activation), which keeps the function (its state_dict keys gain ".0.").
+nn.Identity in its place, when it computes one of the fused functions (`fused_activation`: nn.ReLU,
+nn.SiLU and subclasses, Hugging Face's SiLUActivation, LeakyReLU, GELU(tanh)); any other
+activation (ReLU6, Hardswish, ...) stays where it is, and the layer's Change says why in its
+`note`. A fused activation converted to a kind without one becomes nn.Sequential(layer,
+activation), which keeps the function (its state_dict keys gain ".0.").
+
+A layer registered under several names (`m.a = m.b = bn`) is converted once, and the new layer
+is put at every name; `changes` lists it once, under its first name.
 
 `to="sync"` applies `batchnorm.convert_sync_batchnorm` (the sync layer's rules, kept in one place)
 and lists what it changed; a SyncBatchNorm it made remembers the class it replaced, so converting
@@ -28,7 +40,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import batchnorm.nn as family
-from batchnorm.nn.batchnorm import resolve_activation
+from batchnorm.nn.batchnorm import carry_over, fused_activation, refuse_uninitialized
 from batchnorm.tools._common import activation_module, is_frozen, takes_second_argument
 from batchnorm.tools.fold import FoldReport, _graphs, _observe
 
@@ -53,14 +65,17 @@ _RANKED = ((nn.BatchNorm1d, family.FrozenBatchNorm1d), (nn.BatchNorm2d, family.F
 
 @dataclass(frozen=True)
 class Change:
-    """One swapped layer: its qualified name, the old and the new class."""
+    """One swapped layer: its qualified name, the old and the new class, and a note (e.g. why the
+    activation after it was not fused)."""
 
     name: str
     before: type
     after: type
+    note: str = ""
 
     def __str__(self) -> str:
-        return f"{self.name}: {_label(self.before)} -> {_label(self.after)}"
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.name}: {_label(self.before)} -> {_label(self.after)}{note}"
 
 
 def _label(cls: type) -> str:
@@ -90,7 +105,9 @@ def _rank(module: nn.Module, dim: int | None, name: str) -> int:
 
 
 def _fused(module: nn.Module) -> bool:
-    return getattr(module, "activation", "identity") != "identity"
+    """Whether the layer applies an activation (fused, or held unfused as BatchNormAct's `act`)."""
+    return (getattr(module, "activation", "identity") != "identity"
+            or getattr(module, "act", None) is not None)
 
 
 def _swap(module: nn.Module, cls: type, kwargs: dict) -> nn.Module:
@@ -105,7 +122,9 @@ def _swap(module: nn.Module, cls: type, kwargs: dict) -> nn.Module:
     args = {"eps": module.eps, "momentum": module.momentum, "affine": module.affine,
             "track_running_stats": module.track_running_stats}
     if issubclass(cls, family.BatchNormActBase):  # its default act is relu, not identity
-        args |= {"act": getattr(module, "activation", "identity"),
+        unfused = getattr(module, "act", None)
+        act = unfused if unfused is not None else getattr(module, "activation", "identity")
+        args |= {"act": act,
                  "negative_slope": getattr(module, "negative_slope", 0.01)}
     new = cls(module.num_features, **(args | kwargs))
     for key in _SHARED_STATE:
@@ -121,17 +140,25 @@ def _swap(module: nn.Module, cls: type, kwargs: dict) -> nn.Module:
             and getattr(new, "syncable", False)):
         new.sync, new.process_group = True, module.process_group
     if _fused(module) and not _fused(new) and not issubclass(cls, family.BatchNormActBase):
-        return nn.Sequential(new, activation_module(module))
-    return new
+        return carry_over(module, nn.Sequential(new, activation_module(module)))
+    return carry_over(module, new)
 
 
-def _activation_consumers(model: nn.Module, example_input) -> dict[int, str]:
-    """id(batch norm) -> the name of the activation module that alone consumes its output."""
+def _is_activation(module: nn.Module) -> bool:
+    package = type(module).__module__
+    return (package == "torch.nn.modules.activation"
+            or package.startswith("transformers.activations"))
+
+
+def _activation_consumers(model: nn.Module, example_input
+                          ) -> tuple[dict[int, str], dict[int, str]]:
+    """id(batch norm) -> the name of the activation module that alone consumes its output, and
+    id(batch norm) -> why the activation after it is not fused (it has no fused kernel)."""
     seen = _observe(model, example_input)[1] if example_input is not None else {}
     counts: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
-    found = {}
+    found, unfused = {}, {}
     for prefix, root, graph in _graphs(model, "", FoldReport(), seen):
         calls = [n for n in graph.nodes if n.op == "call_module"]
         called = {}
@@ -145,13 +172,15 @@ def _activation_consumers(model: nn.Module, example_input) -> dict[int, str]:
             if user.op != "call_module" or len(user.args) != 1 or user.kwargs:
                 continue
             act = root.get_submodule(user.target)
-            try:  # only activations BatchNormAct has a fused kernel for
-                resolve_activation(act, 0.01, user.target)
-            except ValueError:
+            name = f"{prefix}.{user.target}" if prefix else user.target
+            if fused_activation(act) is None:  # only activations with a fused kernel
+                if _is_activation(act):
+                    unfused[id(bn)] = (f"{name} ({type(act).__name__}) not fused: no fused kernel "
+                                       f"for it; it stays a separate module after the layer")
                 continue
             if counts[id(act)] == 1 and called[user.target] == 1 and counts[id(bn)] == 1:
-                found[id(bn)] = f"{prefix}.{user.target}" if prefix else user.target
-    return found
+                found[id(bn)] = name
+    return found, unfused
 
 
 def _to_sync(model: nn.Module, process_group=None) -> tuple[nn.Module, list[Change]]:
@@ -189,15 +218,15 @@ def convert(model: nn.Module, to: str = "batchnorm", *, dim: int | None = None,
         `Change` per swapped layer. Layers already of the target class are left alone.
 
     Raises:
-        ValueError: an unknown `to`, a rank-agnostic source without `dim`, or (to="frozen") a
-            layer without running statistics.
+        ValueError: an unknown `to`, a rank-agnostic source without `dim`, an uninitialized
+            lazy layer, or (to="frozen") a layer without running statistics.
     """
     if to not in TARGETS:
         raise ValueError(f"convert: unknown target {to!r}; valid targets are "
                          f"{', '.join(map(repr, sorted(TARGETS)))}")
     if to == "sync":
         return _to_sync(model, **kwargs)
-    activations = _activation_consumers(model, example_input) if to == "act" else {}
+    activations, unfused = _activation_consumers(model, example_input) if to == "act" else ({}, {})
     layers = {id(m): m for m in model.modules()}
     activations = {k: v for k, v in activations.items() if not _fused(layers[k])}
     fused_away = set(activations.values())
@@ -207,6 +236,7 @@ def convert(model: nn.Module, to: str = "batchnorm", *, dim: int | None = None,
     def replacement(module: nn.Module, name: str) -> nn.Module | None:
         if not _is_source(module):
             return None
+        refuse_uninitialized(module, "convert", name)
         if id(module) not in swapped:
             cls = TARGETS[to][_rank(module, dim, name) - 1]
             extra = dict(kwargs)
@@ -215,14 +245,18 @@ def convert(model: nn.Module, to: str = "batchnorm", *, dim: int | None = None,
             elif type(module) is cls:
                 return None
             swapped[id(module)] = _swap(module, cls, extra)
-            changes.append(Change(name or "<root>", type(module), cls))
+            changes.append(Change(name or "<root>", type(module), cls,
+                                  unfused.get(id(module), "")))
         return swapped[id(module)]
 
     root = replacement(model, "")
     if root is not None:
         return root, changes
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(), which skips a child already seen under another name
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             new = nn.Identity() if name in fused_away else replacement(child, name)
             if new is not None:

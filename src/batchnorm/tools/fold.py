@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.meta_tracer import MetaTracer
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.nn.batchnorm import fused_activation
 from batchnorm.kernels.native import scale_shift
 from batchnorm.tools._common import (activation_module, batchnorm_types, is_frozen,
                                      output_tensors, run_model, takes_second_argument)
@@ -76,9 +77,15 @@ def _is_leaf(m: nn.Module) -> bool:
     return base is not None and type(m).forward is base.forward
 
 
+def _traced_whole(m: nn.Module) -> bool:
+    """Leaves of the traces: `_is_leaf`'s, and activations that BatchNormAct fuses (subclasses of
+    nn.SiLU, Hugging Face's SiLUActivation), which convert(to="act") looks for as modules."""
+    return _is_leaf(m) or fused_activation(m) is not None
+
+
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_leaf(m) or super().is_leaf_module(m, qualname)
+        return _traced_whole(m) or super().is_leaf_module(m, qualname)
 
 
 class _MetaTracer(MetaTracer):
@@ -86,7 +93,7 @@ class _MetaTracer(MetaTracer):
     from int(x.shape[-2])) traces for the shapes the probe saw."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_leaf(m) or super().is_leaf_module(m, qualname)
+        return _traced_whole(m) or super().is_leaf_module(m, qualname)
 
 
 def _split_args(module: nn.Module, seen: tuple | None) -> tuple[dict, dict]:

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.kernels.native import stats
-from batchnorm.tools._common import (batch_inputs, batchnorm_types, is_domain, limited,
-                                     model_device, progress_bar, run_model, to_device,
+from batchnorm.tools._common import (batch_inputs, batchnorm_types, is_domain, layer_values,
+                                     limited, model_device, progress_bar, run_model, to_device,
                                      total_batches)
 
 __all__ = ["track", "Tracker", "eval_gap", "plot"]
@@ -36,14 +36,18 @@ __all__ = ["track", "Tracker", "eval_gap", "plot"]
 PERCENTILES = (15, 50, 85)
 
 
-def _gap(bn: nn.Module, args: tuple, kwargs: dict) -> tuple[float, float]:
-    """(mean_gap, std_ratio) of a call's input against bn's running statistics (a DomainBatchNorm's
-    for the call's domain), float64."""
+def _gap(bn: nn.Module, args: tuple, kwargs: dict) -> tuple[float, float] | None:
+    """(mean_gap, std_ratio) of a call's input (a MaskedBatchNorm's valid positions) against bn's
+    running statistics (a DomainBatchNorm's for the call's domain), float64; None when the call
+    has no values to measure."""
     running_mean, running_var = bn.running_mean, bn.running_var
     if is_domain(bn):
         k = int(args[1] if len(args) > 1 else kwargs["domain"])
         running_mean, running_var = running_mean[k], running_var[k]
-    count, mean, m2 = stats(args[0].detach().double())
+    values = layer_values(bn, args, kwargs)
+    if values is None or values.numel() == 0:
+        return None
+    count, mean, m2 = stats(values.detach().double())
     var = m2 / count
     running_var = running_var.double() + bn.eps
     mean_gap = ((mean - running_mean.double()).abs() * torch.rsqrt(running_var)).mean()
@@ -98,9 +102,12 @@ def track(model: nn.Module, inputs_of: Iterable[str] = (), *, every: int = 1
         tracker.step += 1
 
     def on_bn(name, module, args, kwargs):
-        if tracker.step % every or module.running_mean is None or args[0].numel() == 0:
+        if tracker.step % every or module.running_mean is None:
             return
-        mean_gap, std_ratio = _gap(module, args, kwargs)
+        gap = _gap(module, args, kwargs)
+        if gap is None:
+            return
+        mean_gap, std_ratio = gap
         tracker.records.append({"step": tracker.step, "layer": name, "quantity": "mean_gap",
                                 "value": mean_gap})
         tracker.records.append({"step": tracker.step, "layer": name, "quantity": "std_ratio",

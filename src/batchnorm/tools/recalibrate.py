@@ -8,14 +8,26 @@ normalized with batch statistics exactly as in training, and for every batch-nor
     count_k, mean_k, m2_k = sum over batch k of (x - mean_k)^2    (per channel, float64)
 
 merged with Chan's formula (`kernels.native.merge_stats`): the population mean weights each batch
-by its size, and
+by its size, and the pooled (count, mean, m2) is applied as one batch with momentum 1 through
+`rules.update_running_stats`, the rule every training forward applies:
 
-    running_mean = mean,   running_var = m2 / (count - 1)           (Bessel over the total count).
+    running_mean = mean,   running_var = m2 / (count - 1)           (Bessel over the total count),
+
+formed in the buffers' accumulation dtype and stored only if finite in the buffers' dtype (an fp16
+layer whose population variance exceeds 65504 keeps its statistics, with the rules' warning).
+Running statistics that are already non-finite (torch.nn stores a NaN batch's) are reset to 0 and
+1 first, so recalibrating repairs them.
 
 Under torch.distributed the per-rank partials are gathered and merged the same way, so every rank
 ends with the statistics of all ranks' batches. Non-batch-norm modules run in eval mode during the
 passes (dropout off: the statistics describe the activations inference sees). Parameters,
 `num_batches_tracked` and every module's training flag are left as they were.
+
+A MaskedBatchNorm's statistics are over the valid positions of its mask only, as in its forward.
+A batch whose values at a layer are not finite (a NaN or inf input, an overflow) is left out of
+that layer's statistics with a RuntimeWarning naming the layer and the batch index, as the
+training forward leaves such a batch out of the running statistics: one corrupt batch should not
+turn a whole population estimate into NaN. The other batches still count.
 """
 
 from __future__ import annotations
@@ -27,9 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.kernels.native import merge_stats, stats
-from batchnorm.tools._common import (batch_inputs, batchnorm_types, is_domain, is_frozen, limited,
-                                     model_device, progress_bar, run_model, to_device,
-                                     total_batches)
+from batchnorm.rules import update_running_stats
+from batchnorm.tools._common import (batch_inputs, batchnorm_types, is_domain, is_frozen,
+                                     layer_values, limited, model_device, progress_bar, run_model,
+                                     to_device, total_batches)
 
 __all__ = ["recalibrate", "population_stats"]
 
@@ -83,18 +96,25 @@ def population_stats(model: nn.Module, batches: Iterable, num_batches: int | Non
     """
     layers = _tracked_layers(model)
     partials: dict[Key, list[Tensor]] = {}
+    batch_index = -1
 
     def hook(module, args, kwargs, name):
-        x = args[0]
         key: Key = (name, None)
         if is_domain(module):
             if domain is not None:  # adapt(domain=k): every domain layer runs as domain k
-                args = (x, domain) + tuple(args[2:])
+                args = (args[0], domain) + tuple(args[2:])
                 kwargs = {k: v for k, v in kwargs.items() if k != "domain"}
             key = (name, int(_domain_argument(args, kwargs)))
-        if x.numel() == 0:
+        values = layer_values(module, args, kwargs)
+        if values is None or values.numel() == 0:
             return args, kwargs
-        count, mean, m2 = stats(x.detach().double())
+        count, mean, m2 = stats(values.detach().double())
+        if not bool(torch.isfinite(mean).all() and torch.isfinite(m2).all()):
+            warnings.warn(f"{description}: {name} ({type(module).__name__}) got non-finite values "
+                          f"in batch {batch_index}; that batch is left out of its statistics "
+                          f"(check the batch's inputs, e.g. torch.isfinite(batch).all())",
+                          RuntimeWarning, stacklevel=2)
+            return args, kwargs
         if key in partials:
             merged = merge_stats(torch.stack([partials[key][0], count]),
                                  torch.stack([partials[key][1], mean]),
@@ -116,7 +136,8 @@ def population_stats(model: nn.Module, batches: Iterable, num_batches: int | Non
         for m in layers.values():
             m.train()
         it = limited(batches, num_batches, description)
-        for batch in progress_bar(it, total_batches(batches, num_batches), description, progress):
+        bar = progress_bar(it, total_batches(batches, num_batches), description, progress)
+        for batch_index, batch in enumerate(bar):
             if forward is None:
                 run_model(model, to_device(batch_inputs(batch), device))
             else:
@@ -181,8 +202,15 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
         if not bool((count > 1).all()):
             raise ValueError(f"recalibrate: {name} saw one value per channel in total; the "
                              f"unbiased variance needs at least two: pass more or larger batches")
-        running_mean = m.running_mean if k is None else m.running_mean[k]
+        running_mean = m.running_mean if k is None else m.running_mean[k]  # a view of row k
         running_var = m.running_var if k is None else m.running_var[k]
-        running_mean.copy_(mean.to(running_mean.dtype))
-        running_var.copy_((m2 / (count - 1)).to(running_var.dtype))
+        # Momentum 1 gives the old values no weight, but lerp(old, new, 1) = new - (new - old) * 0
+        # is NaN where old is inf or NaN, which the rules refuse to store: a layer that torch.nn
+        # left with NaN statistics (one NaN batch in training) could never be repaired. Non-finite
+        # old values carry no information; they are reset (to a fresh layer's 0 and 1) first.
+        running_mean.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        running_var.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
+        # num_batches_tracked None: recalibrating is not a training step, and its count stays.
+        update_running_stats(running_mean, running_var, None, count, mean, m2, momentum=1.0,
+                             name=f"recalibrate: {name} ({type(m).__name__})")
     return model
