@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from batchnorm import kernels, rules
+from batchnorm import kernels, recompute, rules
 from batchnorm.kernels import aten, dispatch, native
 from batchnorm.kernels.native import accumulation_dtype, merge_stats
 from batchnorm.rules import ONE_VALUE_FIX, check_eps, check_momentum, update_running_stats
@@ -150,9 +150,19 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                                 negative_slope)
     if training and running_mean is not None:
         _refuse_vmapped_update(mean, name)
-        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
     return y
+
+
+def _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum, name,
+                 warn_key) -> None:
+    """`update_running_stats`, except in the recomputation of a `torch.utils.checkpoint` region,
+    whose first pass already counted this batch (torch.nn counts it twice, pytorch#96136)."""
+    state = recompute.phase()
+    if state is None or state[0] != recompute.RECOMPUTE:
+        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+                             momentum, name, warn_key)
 
 
 def _train(backend: str, x: Tensor, weight, bias, z, eps: float, act: str, act_param: float
@@ -358,12 +368,22 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
         count, mean, m2, differentiable = _batch_stats(backend, input)
     var = m2 / count
     invstd = torch.rsqrt(var + eps)
+    # r and d compare the batch with the running statistics, which the first pass of a
+    # checkpointed region has already updated when the recomputation runs: it replays the ones
+    # the first pass saw (see `batchnorm.recompute`).
+    checkpointed, limits_of = recompute.phase(), (running_mean, running_var, rmax, dmax)
+    if checkpointed is not None and checkpointed[0] == recompute.RECOMPUTE:
+        limits_of = recompute.replay(running_mean, mean, name)
+    elif checkpointed is not None:
+        recompute.record(checkpointed[1], running_mean, mean,
+                         (running_mean.clone(), running_var.clone(), rmax, dmax))
     with torch.no_grad():
+        seen_mean, seen_var, rmax, dmax = limits_of
         rmax = torch.as_tensor(rmax, dtype=mean.dtype, device=mean.device)
         dmax = torch.as_tensor(dmax, dtype=mean.dtype, device=mean.device)
-        sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+        sigma = torch.sqrt(seen_var.to(mean.dtype) + eps)
         r = torch.clamp(torch.sqrt(var + eps) / sigma, 1.0 / rmax, rmax)
-        d = torch.clamp((mean - running_mean.to(mean.dtype)) / sigma, -dmax, dmax)
+        d = torch.clamp((mean - seen_mean.to(mean.dtype)) / sigma, -dmax, dmax)
     renorm_weight = r if weight is None else weight * r
     renorm_bias = d if weight is None else weight * d
     renorm_bias = renorm_bias if bias is None else renorm_bias + bias
@@ -374,8 +394,9 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
         y = _normalize_with_batch_stats(backend, input, mean, invstd, renorm_weight, renorm_bias,
                                         eps, differentiable)
     _refuse_vmapped_update(mean, name)
-    update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
-                         name, warn_key)
+    if checkpointed is None or checkpointed[0] != recompute.RECOMPUTE:
+        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+                             momentum, name, warn_key)
     return y
 
 
@@ -448,7 +469,7 @@ def ghost_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
     if training and running_mean is not None:
         count, mean, m2 = merge_stats(*(torch.stack(p) for p in zip(*partials)))
         _refuse_vmapped_update(mean, name)
-        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
@@ -527,7 +548,7 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
     y, count, mean, m2 = _train(backend, valid, weight, bias, None, eps, "identity", 0.0)
     if training and running_mean is not None:
         _refuse_vmapped_update(mean, name)
-        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
     # index_put, not masked_scatter: the latter's backward has no forward-mode derivative in
     # torch (forward-over-reverse fails on it).
@@ -576,7 +597,7 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
     y = _sync_normalize(input, mean, invstd, count, weight, bias, residual, activation,
                         negative_slope, process_group, name)
     if running_mean is not None and count[0] > 0:
-        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
     return y
 

@@ -9,6 +9,7 @@ group timeout, and `_launch` kills whatever is still alive when it returns.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import re
@@ -51,7 +52,7 @@ def _entry(rank: int, world: int, port: int, worker: str, out: str, timeout_s: f
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=timeout_s))
-        result = globals()[worker](rank, world)
+        result = _worker(worker)(rank, world)
         torch.save(result, f"{out}/rank{rank}.pt")
         dist.barrier()
         dist.destroy_process_group()
@@ -60,9 +61,19 @@ def _entry(rank: int, world: int, port: int, worker: str, out: str, timeout_s: f
         os._exit(1)
 
 
+def _worker(worker: str):
+    """`worker` names a function of this module, or "module:function" of another test module
+    (tests of other layers run their worlds with this harness too)."""
+    if ":" not in worker:
+        return globals()[worker]
+    module, function = worker.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def _launch(world: int, worker: str, tmp_path: Path, timeout_s: float = PG_TIMEOUT_S,
             expect_exit: dict[int, int] | None = None) -> list[dict]:
-    """Run `worker(rank, world)` on `world` spawned gloo ranks; returns each rank's result."""
+    """Run `worker(rank, world)` (see `_worker`) on `world` spawned gloo ranks; returns each
+    rank's result."""
     context = multiprocessing.get_context("spawn")
     port = _free_port()
     procs = [context.Process(target=_entry, args=(r, world, port, worker, str(tmp_path), timeout_s))
