@@ -133,6 +133,10 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                      training, num_batches_tracked)
     _check_epilogue(input, residual, activation, name)
     if sync and training and _sync_world_size(process_group, name) > 1:
+        if torch.compiler.is_compiling():
+            return _traced_sync_batch_norm(input, running_mean, running_var, weight, bias,
+                                           momentum, eps, num_batches_tracked, residual,
+                                           activation, negative_slope, process_group, name)
         return _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
                                 num_batches_tracked, residual, activation, negative_slope,
                                 process_group, name, warn_key)
@@ -600,6 +604,47 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
         _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
     return y
+
+
+def _traced_sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                            num_batches_tracked, residual, activation, negative_slope,
+                            process_group, name):
+    """SyncBatchNorm as torch.compile traces it, so that `fullgraph=True` holds (torch.nn's
+    graph-breaks: pytorch#161302, #156680): the same global statistics as `_sync_batch_stats`,
+    but from differentiable torch ops and a functional all-gather, whose autograd formula (a
+    reduce-scatter of the gradient) is the backward's all-reduce of the gradient sums. The graph
+    then holds both collectives and Inductor can overlap them with other work.
+
+    What a trace cannot do: raise on one value per channel over all ranks (the count is another
+    rank's data), and skip the update for a globally empty batch by a branch; its statistics are
+    made NaN instead, which the update rule ignores (`rules`).
+    """
+    from torch.distributed import _functional_collectives as funcol
+
+    acc = accumulation_dtype(input.dtype)
+    x = input.to(acc)
+    channels = x.shape[1]
+    if x.numel() > 0:
+        var, mean = torch.var_mean(x, native.reduce_dims(x), correction=0)
+    else:
+        var = mean = x.new_zeros(channels)
+    count = torch.full_like(mean, x.numel() // channels).detach()
+    local = torch.stack([count, mean, var * count])  # (3, C)
+    gathered = funcol.all_gather_tensor_autograd(local, gather_dim=0, group=_group(process_group))
+    gathered = gathered.view(-1, 3, channels)  # (world, 3, C), rank order
+    total, mean, m2 = merge_stats(gathered[:, 0].detach(), gathered[:, 1], gathered[:, 2])
+    invstd = torch.rsqrt(m2 / total.clamp_min(1) + eps)
+    y = native.forward(input, mean, invstd, weight, bias, residual, activation, negative_slope)
+    if running_mean is not None:
+        empty = torch.where(total > 0, 0.0, float("nan"))
+        _update_once(running_mean, running_var, num_batches_tracked, total, mean.detach() + empty,
+                     m2.detach(), momentum, name, None)
+    return y
+
+
+def _group(process_group):
+    """The group functional collectives take: None means the default (world) group."""
+    return dist.group.WORLD if process_group is None else process_group
 
 
 def _collective(what: str, call, process_group, name: str) -> None:

@@ -71,7 +71,8 @@ def _worker(worker: str):
 
 
 def _launch(world: int, worker: str, tmp_path: Path, timeout_s: float = PG_TIMEOUT_S,
-            expect_exit: dict[int, int] | None = None) -> list[dict]:
+            expect_exit: dict[int, int] | None = None, join_timeout_s: float = JOIN_TIMEOUT_S
+            ) -> list[dict]:
     """Run `worker(rank, world)` (see `_worker`) on `world` spawned gloo ranks; returns each
     rank's result."""
     context = multiprocessing.get_context("spawn")
@@ -81,11 +82,11 @@ def _launch(world: int, worker: str, tmp_path: Path, timeout_s: float = PG_TIMEO
     try:
         for p in procs:
             p.start()
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        deadline = time.monotonic() + join_timeout_s
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        assert not hung, f"ranks {hung} of {worker} still running after {JOIN_TIMEOUT_S} s"
+        assert not hung, f"ranks {hung} of {worker} still running after {join_timeout_s} s"
     finally:
         for p in procs:
             if p.is_alive():
