@@ -1,7 +1,9 @@
 """Tools around batch norm: conversion between layer kinds, folding for inference, exact
-recalibration (precise BN), domain adaptation (AdaBN), diagnostics, ONNX export."""
+recalibration (precise BN), domain adaptation (AdaBN), diagnostics, ONNX export, and running
+statistics that agree across ranks."""
 
 from batchnorm.tools.adapt import adapt
+from batchnorm.tools.consistency import check_consistency, rank_differences, sync_running_stats
 from batchnorm.tools.convert import TARGETS, Change, convert
 from batchnorm.tools.export import export_onnx, onnx_translations
 from batchnorm.tools.fold import FoldReport, fold
@@ -10,4 +12,4 @@ from batchnorm.tools.recalibrate import population_stats, recalibrate
 
 __all__ = ["convert", "Change", "TARGETS", "fold", "FoldReport", "recalibrate",
            "population_stats", "adapt", "track", "Tracker", "eval_gap", "plot", "export_onnx",
-           "onnx_translations"]
+           "onnx_translations", "check_consistency", "rank_differences", "sync_running_stats"]
