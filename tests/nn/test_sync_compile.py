@@ -55,8 +55,8 @@ def _train(model, forward, rank, world) -> dict:
 
 
 def world_2(rank, world, backends=FAST):
-    torch._dynamo.config.cache_size_limit = 8
-    result = {"eager": _train(eager := net(batchnorm.SyncBatchNorm), eager, rank, world)}
+    eager = net(batchnorm.SyncBatchNorm)
+    result = {"eager": _train(eager, eager, rank, world)}
     for backend in backends:
         model = net(batchnorm.SyncBatchNorm)
         compiled = torch.compile(model, backend=backend, fullgraph=True)
