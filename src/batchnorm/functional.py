@@ -154,8 +154,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                                 negative_slope)
     if training and running_mean is not None:
         _refuse_vmapped_update(mean, name)
-        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2,
-                             momentum, name, warn_key)
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
+                     name, warn_key)
     return y
 
 
@@ -473,8 +473,8 @@ def ghost_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
     if training and running_mean is not None:
         count, mean, m2 = merge_stats(*(torch.stack(p) for p in zip(*partials)))
         _refuse_vmapped_update(mean, name)
-        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2,
-                             momentum, name, warn_key)
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
+                     name, warn_key)
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
@@ -552,8 +552,8 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
     y, count, mean, m2 = _train(backend, valid, weight, bias, None, eps, "identity", 0.0)
     if training and running_mean is not None:
         _refuse_vmapped_update(mean, name)
-        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2,
-                             momentum, name, warn_key)
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
+                     name, warn_key)
     # index_put, not masked_scatter: the latter's backward has no forward-mode derivative in
     # torch (forward-over-reverse fails on it).
     out = torch.zeros_like(channels_last).index_put((mask,), y)
@@ -601,8 +601,8 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
     y = _sync_normalize(input, mean, invstd, count, weight, bias, residual, activation,
                         negative_slope, process_group, name)
     if running_mean is not None and count[0] > 0:
-        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2,
-                             momentum, name, warn_key)
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
+                     name, warn_key)
     return y
 
 
@@ -612,8 +612,8 @@ def _traced_sync_batch_norm(input, running_mean, running_var, weight, bias, mome
     """SyncBatchNorm as torch.compile traces it, so that `fullgraph=True` holds (torch.nn's
     graph-breaks: pytorch#161302, #156680): the same global statistics as `_sync_batch_stats`,
     but from differentiable torch ops and a functional all-gather, whose autograd formula (a
-    reduce-scatter of the gradient) is the backward's all-reduce of the gradient sums. The graph
-    then holds both collectives and Inductor can overlap them with other work.
+    reduce-scatter of the gradient) takes the place of the eager backward's all-reduce of the
+    gradient sums.
 
     What a trace cannot do: raise on one value per channel over all ranks (the count is another
     rank's data), and skip the update for a globally empty batch by a branch; its statistics are

@@ -106,8 +106,8 @@ def replay(owner: Tensor, batch_mean: Tensor, name: str) -> tuple:
                 del entries[i]
                 return saved
     raise RuntimeError(
-        f"{name}: recomputing a checkpointed forward, but no first pass of this layer with the same "
-        f"batch statistics was recorded (the recomputation saw different input, or the first pass "
+        f"{name}: recomputing a checkpointed forward, but no first pass of this layer with the "
+        f"same batch statistics was recorded (the recomputation saw different input, or the first pass "
         f"ran outside torch.utils.checkpoint); batch renorm needs the running statistics of the "
         f"first pass. Make the checkpointed function deterministic, or keep this layer outside "
         f"the checkpointed region")

@@ -48,7 +48,8 @@ def world_2(rank, world):
             self.seen = set()
 
         def training_step(self, batch, index):
-            self.seen |= {type(m).__name__ for m in self.net.modules() if "Norm" in type(m).__name__}
+            self.seen |= {type(m).__name__ for m in self.net.modules()
+                          if "Norm" in type(m).__name__}
             x, t = batch
             # DDP averages gradients: world/total makes it the mean loss over the global batch
             return TF.cross_entropy(self.net(x), t, reduction="sum") * world / total
