@@ -466,7 +466,7 @@ def _world_2(rank, world):
     x = torch.tensor([[1.0], [3.0]])[rank:rank + 1]
     result["one_value_per_rank"] = batchnorm.SyncBatchNorm(1)(x).detach()
 
-    # torch.compile: the sync layer runs eagerly behind a graph break, same numbers
+    # torch.compile: the traced sync path (functional collectives), same numbers as eager
     case = CASES_2[0]
     steps, _, _ = _case_data(case)
     start, n = sum(case["sizes"][:rank]), case["sizes"][rank]
@@ -711,8 +711,8 @@ def test_world_of_one_and_no_process_group_do_not_communicate(tmp_path, monkeypa
 
 
 def test_compiles_fullgraph_when_not_distributed_and_in_eval():
-    # the synced path itself runs eagerly behind a graph break (tested with 2 ranks above);
-    # without a process group, and in eval mode, nothing breaks the graph
+    # the synced path compiles with functional collectives (2 ranks: above and in
+    # test_sync_compile.py); without a process group, and in eval mode, it is plain batch norm
     layer, plain = batchnorm.SyncBatchNorm(3), batchnorm.BatchNorm1d(3)
     x = torch.randn(6, 3, 5)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
