@@ -60,9 +60,11 @@ _CODES: dict | None = None
 def phase() -> tuple[str, object] | None:
     """(FORWARD or RECOMPUTE, region) inside a checkpointed region, None elsewhere.
 
-    `region` is an object that lives as long as the region's autograd graph (the checkpoint's
-    autograd node or frame). A recomputation anywhere up the stack wins over a first pass nearer
-    the caller: a checkpoint nested in a recomputed region is itself being recomputed.
+    `region` is an object that lives as long as the outermost checkpointed region's autograd
+    graph (its checkpoint's autograd node or frame; an inner region's may die first, e.g. a
+    reentrant one nested in another runs under no_grad and keeps no graph). A recomputation
+    anywhere up the stack wins over a first pass nearer the caller: a checkpoint nested in a
+    recomputed region is itself being recomputed.
     """
     global _CODES
     if torch.compiler.is_compiling():
@@ -80,31 +82,38 @@ def phase() -> tuple[str, object] | None:
             kind, region = entry[0], entry[1](frame)
             if kind == RECOMPUTE:
                 return RECOMPUTE, region
-            if found is None and region is not None:
-                found = (FORWARD, region)
+            if region is not None:
+                found = (FORWARD, region)  # the outermost one wins
         frame = frame.f_back
     return found
 
 
-# region -> [(running_mean buffer, batch mean, saved values)]: dies with the region's graph.
+# region -> [[running_mean buffer, batch mean, saved values, times replayed]]: the records die
+# with the region's graph.
 _records: "weakref.WeakKeyDictionary[object, list]" = weakref.WeakKeyDictionary()
 
 
 def record(region: object, owner: Tensor, batch_mean: Tensor, saved: tuple) -> None:
-    """Keep `saved` (what the first pass normalized with) for the recomputation of the call whose
+    """Keep `saved` (what the first pass normalized with) for the recomputations of the call whose
     running mean is `owner` and whose batch mean is `batch_mean`."""
-    _records.setdefault(region, []).append((owner, batch_mean, saved))
+    _records.setdefault(region, []).append([owner, batch_mean, saved, 0])
 
 
 def replay(owner: Tensor, batch_mean: Tensor, name: str) -> tuple:
     """The values `record` kept for this call: found by its running-mean buffer and its batch
     mean, which the recomputation reproduces bit for bit from the same input, so calls are matched
-    whatever order the regions are recomputed in (reverse, pipeline schedules, shared layers)."""
-    for entries in list(_records.values()):
-        for i, (o, m, saved) in enumerate(entries):
-            if o is owner and m.shape == batch_mean.shape and torch.equal(m, batch_mean):
-                del entries[i]
-                return saved
+    whatever order the regions are recomputed in (reverse, pipeline schedules, shared layers).
+    Records stay until their graph dies: nested checkpoints recompute an inner region twice (in
+    the outer recomputation, then in its own). Among equal matches (the same layer fed the same
+    batch twice) the least replayed, first recorded one is taken, which keeps the first pass's
+    order."""
+    matches = [entry for entries in list(_records.values()) for entry in entries
+               if entry[0] is owner and entry[1].shape == batch_mean.shape
+               and torch.equal(entry[1], batch_mean)]
+    if matches:
+        entry = min(matches, key=lambda e: e[3])
+        entry[3] += 1
+        return entry[2]
     raise RuntimeError(
         f"{name}: recomputing a checkpointed forward, but no first pass of this layer with the "
         f"same batch statistics was recorded (the recomputation saw different input, or the first pass "

@@ -109,9 +109,12 @@ def _transformers_net(blocks, use_reentrant: bool):
 def train(layer: str, mode: str | None, data: list[torch.Tensor]) -> dict:
     """STEPS steps of SGD; the blocks' state_dict and the last step's gradients."""
     blocks = _blocks(layer)
-    forward = _wrap(blocks, mode)
+    return train_with(_wrap(blocks, mode), blocks, data)
+
+
+def train_with(forward, blocks: torch.nn.Module, data: list[torch.Tensor] | None = None) -> dict:
     opt = torch.optim.SGD(blocks.parameters(), lr=0.1)
-    for x in data:
+    for x in data or _data():
         opt.zero_grad()
         # reentrant checkpointing needs an input that requires grad to run the backward at all
         y = forward(x.clone().requires_grad_())
@@ -159,6 +162,31 @@ def test_synced_world_of_one_counts_once(tmp_path):
     for mode, state in got.items():
         errors = _errors(state, want)
         assert max(errors.values()) <= 1e-10, (mode, errors)
+
+
+@pytest.mark.parametrize("inner_reentrant", [True, False])
+@pytest.mark.parametrize("outer_reentrant", [True, False])
+@pytest.mark.parametrize("layer", ["BatchNorm2d", "BatchRenorm2d"])
+def test_nested_checkpoints_count_once(layer, outer_reentrant, inner_reentrant):
+    """A checkpoint inside a checkpoint: the inner region runs three times (first pass, the outer
+    recomputation, its own recomputation) and still counts once, with the first pass's
+    statistics."""
+    def run(nested: bool) -> dict:
+        outer, inner = _blocks(layer)
+
+        def inner_region(x):
+            return inner(x)
+
+        def outer_region(x):
+            return checkpoint(inner_region, outer(x), use_reentrant=inner_reentrant)
+
+        return train_with(lambda x: checkpoint(outer_region, x, use_reentrant=outer_reentrant)
+                          if nested else inner(outer(x)), torch.nn.ModuleList([outer, inner]))
+
+    want, got = run(False), run(True)
+    assert int(got["1.norm.num_batches_tracked"]) == STEPS
+    errors = _errors(got, want)
+    assert max(errors.values()) <= 1e-10, {k: e for k, e in errors.items() if e > 1e-10}
 
 
 def test_recomputation_without_a_recorded_first_pass_names_the_layer():
