@@ -1,10 +1,10 @@
 """SyncBatchNorm under torch.compile(fullgraph=True) on 2 gloo ranks (pytorch#161302, #156680).
 
-A small conv net with our SyncBatchNorm trains 3 SGD steps compiled with fullgraph=True (a graph
-break would raise), eagerly, and in one process on the concatenated batch with torch.nn's
-BatchNorm2d; parameters and running statistics must agree to 1e-5 (fp32). Gradients are averaged
-over the ranks eagerly after the backward, as DDP would (DDP's own compiled path splits the graph
-at its buckets).
+A small conv net with our SyncBatchNorm and a synced BatchNormAct trains 3 SGD steps compiled
+with fullgraph=True (a graph break would raise), eagerly, and in one process on the concatenated
+batch (torch.nn's BatchNorm2d, an unsynced BatchNormAct); parameters and running statistics must
+agree to 1e-5 (fp32). Gradients are averaged over the ranks eagerly after the backward, as DDP
+would (DDP's own compiled path splits the graph at its buckets).
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ SIZES = [5, 3]
 FAST, SLOW = ["eager"], ["aot_eager", "inductor"]
 
 
-def net(norm) -> torch.nn.Module:
+def net(sync: bool) -> torch.nn.Module:
+    """Synced: SyncBatchNorm and a synced BatchNormAct (the fused activation on the traced path
+    too); else torch.nn's BatchNorm2d and a local BatchNormAct, for the single process."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(2, 4, 3, bias=False), norm(4), torch.nn.ReLU(),
-        torch.nn.Conv2d(4, 4, 3, bias=False), norm(4), torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        torch.nn.Conv2d(2, 4, 3, bias=False),
+        batchnorm.SyncBatchNorm(4) if sync else torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3, bias=False),
+        batchnorm.BatchNormAct2d(4, act="leaky_relu", negative_slope=0.2, sync=sync),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
 
 
 def _data():
@@ -55,10 +59,10 @@ def _train(model, forward, rank, world) -> dict:
 
 
 def world_2(rank, world, backends=FAST):
-    eager = net(batchnorm.SyncBatchNorm)
+    eager = net(sync=True)
     result = {"eager": _train(eager, eager, rank, world)}
     for backend in backends:
-        model = net(batchnorm.SyncBatchNorm)
+        model = net(sync=True)
         compiled = torch.compile(model, backend=backend, fullgraph=True)
         result[backend] = _train(model, compiled, rank, world)
     return result
@@ -69,7 +73,7 @@ def world_2_slow(rank, world):
 
 
 def _single_process() -> dict:
-    model = net(torch.nn.BatchNorm2d)
+    model = net(sync=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for x, t in _data():
         opt.zero_grad()
