@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from batchnorm import kernels, rules
+from batchnorm import kernels, recompute, rules
 from batchnorm.kernels import aten, dispatch, native
 from batchnorm.kernels.native import accumulation_dtype, merge_stats
 from batchnorm.errors import ArgumentError
@@ -209,6 +209,10 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                        process_group=process_group)
         return torch.nn.functional.leaky_relu(y, negative_slope)
     if sync and training and _sync_world_size(process_group, name) > 1:
+        if torch.compiler.is_compiling():
+            return _traced_sync_batch_norm(input, running_mean, running_var, weight, bias,
+                                           momentum, eps, num_batches_tracked, residual,
+                                           activation, negative_slope, process_group, name)
         return _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
                                 num_batches_tracked, residual, activation, negative_slope,
                                 process_group, name, warn_key)
@@ -227,16 +231,32 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         y, new_mean, new_var = aten.train_updating(
             input, weight, bias, residual, eps, activation, negative_slope, running_mean,
             running_var, rules.momentum_value(momentum, num_batches_tracked))
-        rules.commit_running_stats(running_mean, running_var, num_batches_tracked, new_mean,
-                                   new_var, name, warn_key)
+        if not _recomputing():
+            rules.commit_running_stats(running_mean, running_var, num_batches_tracked, new_mean,
+                                       new_var, name, warn_key)
         return y
     y, count, mean, m2 = _train(backend, input, weight, bias, residual, eps, activation,
                                 negative_slope)
     if training and running_mean is not None:
         _refuse_vmapped_update(mean, name)
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
+                     name, warn_key)
+    return y
+
+
+def _recomputing() -> bool:
+    """Whether this is the recomputation of a checkpointed region (`batchnorm.recompute`)."""
+    state = recompute.phase()
+    return state is not None and state[0] == recompute.RECOMPUTE
+
+
+def _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum, name,
+                 warn_key) -> None:
+    """`update_running_stats`, except in the recomputation of a `torch.utils.checkpoint` region,
+    whose first pass already counted this batch (torch.nn counts it twice, pytorch#96136)."""
+    if not _recomputing():
         update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
                              momentum, name, warn_key)
-    return y
 
 
 def _plain_eager(x: Tensor) -> bool:
@@ -444,12 +464,22 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
         count, mean, m2, differentiable = _batch_stats(backend, input)
     var = m2 / count
     invstd = torch.rsqrt(var + eps)
+    # r and d compare the batch with the running statistics, which the first pass of a
+    # checkpointed region has already updated when the recomputation runs: it replays the ones
+    # the first pass saw (see `batchnorm.recompute`).
+    checkpointed, limits_of = recompute.phase(), (running_mean, running_var, rmax, dmax)
+    if checkpointed is not None and checkpointed[0] == recompute.RECOMPUTE:
+        limits_of = recompute.replay(running_mean, mean, name)
+    elif checkpointed is not None:
+        recompute.record(checkpointed[1], running_mean, mean,
+                         (running_mean.clone(), running_var.clone(), rmax, dmax))
     with torch.no_grad():
+        seen_mean, seen_var, rmax, dmax = limits_of
         rmax = torch.as_tensor(rmax, dtype=mean.dtype, device=mean.device)
         dmax = torch.as_tensor(dmax, dtype=mean.dtype, device=mean.device)
-        sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+        sigma = torch.sqrt(seen_var.to(mean.dtype) + eps)
         r = torch.clamp(torch.sqrt(var + eps) / sigma, 1.0 / rmax, rmax)
-        d = torch.clamp((mean - running_mean.to(mean.dtype)) / sigma, -dmax, dmax)
+        d = torch.clamp((mean - seen_mean.to(mean.dtype)) / sigma, -dmax, dmax)
     renorm_weight = r if weight is None else weight * r
     renorm_bias = d if weight is None else weight * d
     renorm_bias = renorm_bias if bias is None else renorm_bias + bias
@@ -460,8 +490,9 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
         y = _normalize_with_batch_stats(backend, input, mean, invstd, renorm_weight, renorm_bias,
                                         eps, differentiable)
     _refuse_vmapped_update(mean, name)
-    update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
-                         name, warn_key)
+    if checkpointed is None or checkpointed[0] != recompute.RECOMPUTE:
+        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
+                             momentum, name, warn_key)
     return y
 
 
@@ -534,8 +565,8 @@ def ghost_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
     if training and running_mean is not None:
         count, mean, m2 = merge_stats(*(torch.stack(p) for p in zip(*partials)))
         _refuse_vmapped_update(mean, name)
-        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
-                             momentum, name, warn_key)
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
+                     name, warn_key)
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
@@ -614,8 +645,8 @@ def masked_batch_norm(input: Tensor, mask: Tensor | None, running_mean: Tensor |
     y, count, mean, m2 = _train(backend, valid, weight, bias, None, eps, "identity", 0.0)
     if training and running_mean is not None:
         _refuse_vmapped_update(mean, name)
-        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
-                             momentum, name, warn_key)
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
+                     name, warn_key)
     # index_put, not masked_scatter: the latter's backward has no forward-mode derivative in
     # torch (forward-over-reverse fails on it).
     out = torch.zeros_like(channels_last).index_put((mask,), y)
@@ -663,9 +694,50 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
     y = _sync_normalize(input, mean, invstd, count, weight, bias, residual, activation,
                         negative_slope, process_group, name)
     if running_mean is not None and count[0] > 0:
-        update_running_stats(running_mean, running_var, num_batches_tracked, count, mean, m2,
-                             momentum, name, warn_key)
+        _update_once(running_mean, running_var, num_batches_tracked, count, mean, m2, momentum,
+                     name, warn_key)
     return y
+
+
+def _traced_sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                            num_batches_tracked, residual, activation, negative_slope,
+                            process_group, name):
+    """SyncBatchNorm as torch.compile traces it, so that `fullgraph=True` holds (torch.nn's
+    graph-breaks: pytorch#161302, #156680): the same global statistics as `_sync_batch_stats`,
+    but from differentiable torch ops and a functional all-gather, whose autograd formula (a
+    reduce-scatter of the gradient) takes the place of the eager backward's all-reduce of the
+    gradient sums.
+
+    What a trace cannot do: raise on one value per channel over all ranks (the count is another
+    rank's data), and skip the update for a globally empty batch by a branch; its statistics are
+    made NaN instead, which the update rule ignores (`rules`).
+    """
+    from torch.distributed import _functional_collectives as funcol
+
+    acc = accumulation_dtype(input.dtype)
+    x = input.to(acc)
+    channels = x.shape[1]
+    if x.numel() > 0:
+        var, mean = torch.var_mean(x, native.reduce_dims(x), correction=0)
+    else:
+        var = mean = x.new_zeros(channels)
+    count = torch.full_like(mean, x.numel() // channels).detach()
+    local = torch.stack([count, mean, var * count])  # (3, C)
+    gathered = funcol.all_gather_tensor_autograd(local, gather_dim=0, group=_group(process_group))
+    gathered = gathered.view(-1, 3, channels)  # (world, 3, C), rank order
+    total, mean, m2 = merge_stats(gathered[:, 0].detach(), gathered[:, 1], gathered[:, 2])
+    invstd = torch.rsqrt(m2 / total.clamp_min(1) + eps)
+    y = native.forward(input, mean, invstd, weight, bias, residual, activation, negative_slope)
+    if running_mean is not None:
+        empty = torch.where(total > 0, 0.0, float("nan"))
+        _update_once(running_mean, running_var, num_batches_tracked, total, mean.detach() + empty,
+                     m2.detach(), momentum, name, None)
+    return y
+
+
+def _group(process_group):
+    """The group functional collectives take: None means the default (world) group."""
+    return dist.group.WORLD if process_group is None else process_group
 
 
 def _collective(what: str, call, process_group, name: str) -> None:

@@ -9,6 +9,7 @@ group timeout, and `_launch` kills whatever is still alive when it returns.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import re
@@ -51,7 +52,7 @@ def _entry(rank: int, world: int, port: int, worker: str, out: str, timeout_s: f
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=timeout_s))
-        result = globals()[worker](rank, world)
+        result = _worker(worker)(rank, world)
         torch.save(result, f"{out}/rank{rank}.pt")
         dist.barrier()
         dist.destroy_process_group()
@@ -60,9 +61,20 @@ def _entry(rank: int, world: int, port: int, worker: str, out: str, timeout_s: f
         os._exit(1)
 
 
+def _worker(worker: str):
+    """`worker` names a function of this module, or "module:function" of another test module
+    (tests of other layers run their worlds with this harness too)."""
+    if ":" not in worker:
+        return globals()[worker]
+    module, function = worker.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def _launch(world: int, worker: str, tmp_path: Path, timeout_s: float = PG_TIMEOUT_S,
-            expect_exit: dict[int, int] | None = None) -> list[dict]:
-    """Run `worker(rank, world)` on `world` spawned gloo ranks; returns each rank's result."""
+            expect_exit: dict[int, int] | None = None, join_timeout_s: float = JOIN_TIMEOUT_S
+            ) -> list[dict]:
+    """Run `worker(rank, world)` (see `_worker`) on `world` spawned gloo ranks; returns each
+    rank's result."""
     context = multiprocessing.get_context("spawn")
     port = _free_port()
     procs = [context.Process(target=_entry, args=(r, world, port, worker, str(tmp_path), timeout_s))
@@ -70,11 +82,11 @@ def _launch(world: int, worker: str, tmp_path: Path, timeout_s: float = PG_TIMEO
     try:
         for p in procs:
             p.start()
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        deadline = time.monotonic() + join_timeout_s
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        assert not hung, f"ranks {hung} of {worker} still running after {JOIN_TIMEOUT_S} s"
+        assert not hung, f"ranks {hung} of {worker} still running after {join_timeout_s} s"
     finally:
         for p in procs:
             if p.is_alive():
@@ -454,7 +466,7 @@ def _world_2(rank, world):
     x = torch.tensor([[1.0], [3.0]])[rank:rank + 1]
     result["one_value_per_rank"] = batchnorm.SyncBatchNorm(1)(x).detach()
 
-    # torch.compile: the sync layer runs eagerly behind a graph break, same numbers
+    # torch.compile: the traced sync path (functional collectives), same numbers as eager
     case = CASES_2[0]
     steps, _, _ = _case_data(case)
     start, n = sum(case["sizes"][:rank]), case["sizes"][rank]
@@ -699,8 +711,8 @@ def test_world_of_one_and_no_process_group_do_not_communicate(tmp_path, monkeypa
 
 
 def test_compiles_fullgraph_when_not_distributed_and_in_eval():
-    # the synced path itself runs eagerly behind a graph break (tested with 2 ranks above);
-    # without a process group, and in eval mode, nothing breaks the graph
+    # the synced path compiles with functional collectives (2 ranks: above and in
+    # test_sync_compile.py); without a process group, and in eval mode, it is plain batch norm
     layer, plain = batchnorm.SyncBatchNorm(3), batchnorm.BatchNorm1d(3)
     x = torch.randn(6, 3, 5)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
