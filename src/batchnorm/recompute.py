@@ -138,7 +138,7 @@ def replay(owner: Tensor, batch_mean: Tensor, name: str) -> tuple:
         return entry[2]
     raise RuntimeError(
         f"{name}: recomputing a checkpointed forward, but no first pass of this layer with the "
-        f"same batch statistics was recorded (the recomputation saw different input, or the first pass "
-        f"ran outside torch.utils.checkpoint); batch renorm needs the running statistics of the "
-        f"first pass. Make the checkpointed function deterministic, or keep this layer outside "
+        f"same batch statistics was recorded (the recomputation saw different input, or the "
+        f"first pass ran outside torch.utils.checkpoint); batch renorm needs the running "
+        f"statistics of the first pass. Make the checkpointed function deterministic, or keep this layer outside "
         f"the checkpointed region")
