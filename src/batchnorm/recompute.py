@@ -140,5 +140,5 @@ def replay(owner: Tensor, batch_mean: Tensor, name: str) -> tuple:
         f"{name}: recomputing a checkpointed forward, but no first pass of this layer with the "
         f"same batch statistics was recorded (the recomputation saw different input, or the "
         f"first pass ran outside torch.utils.checkpoint); batch renorm needs the running "
-        f"statistics of the first pass. Make the checkpointed function deterministic, or keep this layer outside "
-        f"the checkpointed region")
+        f"statistics of the first pass. Make the checkpointed function deterministic, or keep "
+        f"this layer outside the checkpointed region")
