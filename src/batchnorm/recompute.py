@@ -8,16 +8,17 @@ statistics in both passes (pytorch#96136). Ours update them only in the first: `
 replays in the recomputation the running statistics and limits of the first pass (`record`,
 `replay`), so both passes normalize alike.
 
-The pass is read from the call stack, not guessed: the recomputation runs inside checkpoint's own
-code (`CheckpointFunction.backward` for use_reentrant=True, the saved-tensor unpack hook of
-`_checkpoint_hook` for use_reentrant=False), the first pass inside `CheckpointFunction.forward` or
-`checkpoint` itself. The stack is walked only when a checkpoint can be running: a non-reentrant
-region installs saved-tensor hooks, a reentrant one runs its first pass under no_grad and its
-recomputation inside the autograd engine (a graph task id). A plain training forward with grad
-enabled pays two C calls.
+The pass is read from torch's own checkpoint code, not guessed: the recomputation runs inside
+`CheckpointFunction.backward` (use_reentrant=True) or the saved-tensor unpack hook of
+`_checkpoint_hook` (use_reentrant=False), found on the call stack; the first pass inside
+`CheckpointFunction.forward`, or under `_checkpoint_hook`'s pack hook, the innermost saved-tensor
+hook (which also covers checkpoint_wrapper and the composable `checkpoint(module)`). The stack is
+walked only when a checkpoint can be running: a non-reentrant region installs saved-tensor hooks,
+a reentrant one runs its first pass under no_grad and its recomputation inside the autograd engine
+(a graph task id). A plain training forward with grad enabled pays four C calls (~1.5 us).
 
-Under torch.compile the walk is skipped (phase None): compiled activation checkpointing recomputes
-inside the graph, and AOTAutograd never recomputes a buffer mutation.
+Under torch.compile nothing is walked (phase None): compiled activation checkpointing recomputes
+inside the graph, where our update is a functionalized buffer mutation; not tested.
 """
 
 from __future__ import annotations
@@ -34,27 +35,45 @@ FORWARD, RECOMPUTE = "forward", "recompute"
 
 
 def _checkpoint_codes() -> dict:
-    """Code object -> (pass, how to find the region object in that frame)."""
+    """Code object -> (pass, how to find the region object in that frame). Written against torch
+    2.13's checkpoint.py; a piece another version lacks is left out rather than failing every
+    training forward (that path then counts as torch.nn does)."""
     from torch.utils import checkpoint as ckpt
 
     def nested(fn, name):
-        return next(c for c in fn.__code__.co_consts if getattr(c, "co_name", None) == name)
+        return next((c for c in fn.__code__.co_consts if getattr(c, "co_name", None) == name),
+                    None)
 
-    checkpoint_fn = getattr(ckpt.checkpoint, "__wrapped__", ckpt.checkpoint)
     codes = {
         ckpt.CheckpointFunction.forward.__code__: (FORWARD, lambda f: f.f_locals["ctx"]),
         ckpt.CheckpointFunction.backward.__code__: (RECOMPUTE, lambda f: f.f_locals["ctx"]),
         nested(ckpt._checkpoint_hook.__init__, "unpack_hook"): (RECOMPUTE,
-                                                                lambda f: f.f_locals["frame"]),
-        # use_reentrant=False: the first pass runs in checkpoint() while its generator (which
-        # holds the region's _CheckpointFrame) is suspended.
-        checkpoint_fn.__code__: (FORWARD, lambda f: f.f_locals["gen"].gi_frame.f_locals[
-            "new_frame"] if "gen" in f.f_locals else None),
+                                                                lambda f: f.f_locals.get("frame")),
     }
-    return codes
+    return {code: entry for code, entry in codes.items() if code is not None}
+
+
+def _pack_code():
+    from torch.utils import checkpoint as ckpt
+
+    return next((c for c in ckpt._checkpoint_hook.__init__.__code__.co_consts
+                 if getattr(c, "co_name", None) == "pack_hook"), None)
+
+
+def _non_reentrant_region():
+    """The _CheckpointFrame of the non-reentrant region whose first pass is running, or None:
+    its pack hook is the innermost saved-tensor hook (checkpoint(use_reentrant=False),
+    checkpoint_wrapper and the composable `checkpoint(module)` all install it), and holds the
+    frame in its closure."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    pack = hooks[0] if hooks is not None else None
+    if getattr(pack, "__code__", None) is not _PACK_CODE or _PACK_CODE is None:
+        return None
+    return pack.__closure__[pack.__code__.co_freevars.index("frame")].cell_contents
 
 
 _CODES: dict | None = None
+_PACK_CODE = None
 
 
 def phase() -> tuple[str, object] | None:
@@ -66,14 +85,14 @@ def phase() -> tuple[str, object] | None:
     anywhere up the stack wins over a first pass nearer the caller: a checkpoint nested in a
     recomputed region is itself being recomputed.
     """
-    global _CODES
+    global _CODES, _PACK_CODE
     if torch.compiler.is_compiling():
         return None
     if (torch._C._autograd._top_saved_tensors_default_hooks(False) is None
             and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1):
         return None
     if _CODES is None:
-        _CODES = _checkpoint_codes()
+        _CODES, _PACK_CODE = _checkpoint_codes(), _pack_code()
     found = None
     frame = sys._getframe(1)
     while frame is not None:
@@ -85,6 +104,9 @@ def phase() -> tuple[str, object] | None:
             if region is not None:
                 found = (FORWARD, region)  # the outermost one wins
         frame = frame.f_back
+    if found is None:
+        region = _non_reentrant_region()
+        found = (FORWARD, region) if region is not None else None
     return found
 
 
@@ -116,7 +138,7 @@ def replay(owner: Tensor, batch_mean: Tensor, name: str) -> tuple:
         return entry[2]
     raise RuntimeError(
         f"{name}: recomputing a checkpointed forward, but no first pass of this layer with the "
-        f"same batch statistics was recorded (the recomputation saw different input, or the first pass "
-        f"ran outside torch.utils.checkpoint); batch renorm needs the running statistics of the "
-        f"first pass. Make the checkpointed function deterministic, or keep this layer outside "
-        f"the checkpointed region")
+        f"same batch statistics was recorded (the recomputation saw different input, or the "
+        f"first pass ran outside torch.utils.checkpoint); batch renorm needs the running "
+        f"statistics of the first pass. Make the checkpointed function deterministic, or keep "
+        f"this layer outside the checkpointed region")

@@ -1,11 +1,12 @@
 """Activation checkpointing updates the running statistics once (pytorch#96136).
 
-Each checkpointed run (torch.utils.checkpoint with use_reentrant True and False, and transformers'
-gradient checkpointing in both modes) trains a small conv net for a few steps and is compared
-with the same net trained without checkpointing: running statistics, num_batches_tracked and
-the parameters' gradients must agree to 1e-10 in float64 (the gradients show that the
-recomputation normalized with the same batch statistics, and for batch renorm the same r and d,
-as the first pass). torch.nn's BatchNorm2d runs beside it and counts every batch twice.
+Each checkpointed run (torch.utils.checkpoint with use_reentrant True and False, torch.distributed's
+composable checkpoint(module), and transformers' gradient checkpointing in both modes) trains a
+small conv net for a few steps and is compared with the same net trained without checkpointing:
+running statistics, num_batches_tracked and the parameters' gradients must agree to 1e-10 in
+float64 (the gradients show that the recomputation normalized with the same batch statistics,
+and for batch renorm the same r and d, as the first pass). torch.nn's BatchNorm2d runs beside
+it and counts every batch twice.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ LAYERS = {
                                                       sync=True),
     "torch.nn.BatchNorm2d": lambda c: torch.nn.BatchNorm2d(c),
 }
-MODES = ["reentrant", "non_reentrant", "transformers_reentrant", "transformers"]
+MODES = ["reentrant", "non_reentrant", "composable", "transformers_reentrant", "transformers"]
 
 
 class Block(torch.nn.Module):
@@ -59,6 +60,11 @@ def _wrap(blocks: torch.nn.ModuleList, mode: str | None):
     """The forward of `blocks` with each block checkpointed as `mode` says."""
     if mode is not None and mode.startswith("transformers"):
         return _transformers_net(blocks, use_reentrant=mode == "transformers_reentrant")
+    if mode == "composable":  # torch.distributed's checkpoint(module), hooks on the module
+        from torch.distributed._composable import checkpoint as checkpoint_module
+        for block in blocks:
+            checkpoint_module(block)
+        mode = None
 
     def forward(x):
         for block in blocks:
