@@ -28,7 +28,7 @@ from batchnorm import kernels, recompute, rules
 from batchnorm.kernels import aten, dispatch, native
 from batchnorm.kernels.native import accumulation_dtype, merge_stats
 from batchnorm.errors import ArgumentError
-from batchnorm.rules import ONE_VALUE_FIX, update_running_stats
+from batchnorm.rules import ONE_VALUE_FIX, check_eps, check_momentum, update_running_stats
 
 __all__ = ["batch_norm", "batch_renorm", "ghost_batch_norm", "masked_batch_norm", "renorm_limits",
            "check_momentum", "check_eps", "update_running_stats", "ArgumentError"]
@@ -88,36 +88,6 @@ def _refuse_per_channel(input: Tensor, channels: int, running_mean, running_var,
         if tensor.device != input.device:
             raise ArgumentError(f"{name}: {arg} is on {tensor.device} but the input is on "
                                 f"{input.device}; move the layer with .to({str(input.device)!r})")
-
-
-def check_eps(eps: float, name: str, batch_stats: bool = True) -> None:
-    """torch.nn.functional.batch_norm's rule: eps > 0 where batch statistics are normalized with
-    (their variance can be 0), eps >= 0 with running statistics; NaN is refused too (torch lets it
-    through to a NaN output). Raises `ArgumentError` with torch's words."""
-    if type(eps) is float and (eps > 0.0 or (eps == 0.0 and not batch_stats)):
-        return  # the common case, decided in one comparison
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{name}: eps must be a float, got {type(eps).__name__} {eps!r}")
-    if batch_stats and not eps > 0:
-        raise ArgumentError(f"{name}: eps must be positive during training, but got {eps} (it "
-                            f"is added to the batch variance, which can be 0); use e.g. 1e-5")
-    if not eps >= 0:
-        raise ArgumentError(f"{name}: eps must be non-negative, but got {eps}; use e.g. 1e-5")
-
-
-def check_momentum(momentum: float | None, name: str) -> None:
-    """torch.nn's rule: any real number (a value outside [0, 1] extrapolates the average, which
-    torch's own OpInfo samples do), or None for the cumulative average; only a non-finite one is
-    refused, since it would make every running statistic NaN. Checked where it is used: in
-    training with running statistics."""
-    if momentum is None or (type(momentum) is float and math.isfinite(momentum)):
-        return
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"{name}: momentum must be a float or None (cumulative average), got "
-                        f"{type(momentum).__name__} {momentum!r}")
-    if not math.isfinite(momentum):
-        raise ValueError(f"{name}: momentum must be finite (it would make the running statistics "
-                         f"NaN), got {momentum!r}; use e.g. 0.1, or None for a cumulative average")
 
 
 def _check_arguments(input, running_mean, running_var, weight, bias, momentum, eps, name,

@@ -20,6 +20,8 @@ kernel forms the same update, `commit_running_stats`); nothing else writes the b
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import sys
 import warnings
 import weakref
@@ -27,25 +29,45 @@ import weakref
 import torch
 from torch import Tensor
 
+from batchnorm.errors import ArgumentError
+
 __all__ = ["check_momentum", "check_eps", "momentum_factor", "momentum_value",
-           "unbiased_variance", "update_running_stats", "commit_running_stats", "one_value_error", "ONE_VALUE_FIX"]
+           "unbiased_variance", "update_running_stats", "commit_running_stats", "one_value_error",
+           "ONE_VALUE_FIX"]
 
 ONE_VALUE_FIX = "use eval mode, BatchRenorm, or GroupNorm for batch size 1"
 
 _warned_nonfinite: "weakref.WeakSet[object]" = weakref.WeakSet()
 
 
+def check_eps(eps: float, name: str, batch_stats: bool = True) -> None:
+    """torch.nn.functional.batch_norm's rule: eps > 0 where batch statistics are normalized with
+    (their variance can be 0), eps >= 0 with running statistics; NaN is refused too (torch lets it
+    through to a NaN output). Raises `ArgumentError` with torch's words."""
+    if type(eps) is float and (eps > 0.0 or (eps == 0.0 and not batch_stats)):
+        return  # the common case, decided in one comparison
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{name}: eps must be a float, got {type(eps).__name__} {eps!r}")
+    if batch_stats and not eps > 0:
+        raise ArgumentError(f"{name}: eps must be positive during training, but got {eps} (it "
+                            f"is added to the batch variance, which can be 0); use e.g. 1e-5")
+    if not eps >= 0:
+        raise ArgumentError(f"{name}: eps must be non-negative, but got {eps}; use e.g. 1e-5")
+
+
 def check_momentum(momentum: float | None, name: str) -> None:
-    if momentum is not None and not (isinstance(momentum, (int, float))
-                                     and not isinstance(momentum, bool)
-                                     and 0.0 <= momentum <= 1.0):
-        raise ValueError(f"{name}: momentum must be a float in [0, 1] or None (cumulative average), "
-                         f"got {momentum!r}")
-
-
-def check_eps(eps: float, name: str) -> None:
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
-        raise ValueError(f"{name}: eps must be a positive float, got {eps!r}")
+    """torch.nn's rule: any real number (a value outside [0, 1] extrapolates the average, which
+    torch's own OpInfo samples do), or None for the cumulative average; only a non-finite one is
+    refused, since it would make every running statistic NaN. Checked where it is used: in
+    training with running statistics."""
+    if momentum is None or (type(momentum) is float and math.isfinite(momentum)):
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"{name}: momentum must be a float or None (cumulative average), got "
+                        f"{type(momentum).__name__} {momentum!r}")
+    if not math.isfinite(momentum):
+        raise ValueError(f"{name}: momentum must be finite (it would make the running statistics "
+                         f"NaN), got {momentum!r}; use e.g. 0.1, or None for a cumulative average")
 
 
 def one_value_error(name: str, got: str, fix: str = ONE_VALUE_FIX) -> ValueError:
@@ -90,10 +112,15 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
             factor = momentum_factor(None, num_batches_tracked + 1, acc)
         else:
             factor = momentum
-        new_mean = _stored(torch.lerp(_as(running_mean, acc), _as(mean, acc), factor),
-                           running_mean)
-        new_var = _stored(torch.lerp(_as(running_var, acc), _as(unbiased_variance(count, m2), acc),
-                                     factor), running_var)
+        batch_var = _as(unbiased_variance(count, m2), acc)
+        if not isinstance(factor, Tensor) and factor == 1:
+            # The batch's own values: lerp would carry a non-finite old value through (0 * inf),
+            # and recalibrate replaces whatever was there.
+            new_mean, new_var = _stored(_as(mean, acc), running_mean), _stored(batch_var, running_var)
+        else:
+            new_mean = _stored(torch.lerp(_as(running_mean, acc), _as(mean, acc), factor),
+                               running_mean)
+            new_var = _stored(torch.lerp(_as(running_var, acc), batch_var, factor), running_var)
         commit_running_stats(running_mean, running_var, num_batches_tracked, new_mean, new_var,
                              name, warn_key)
 

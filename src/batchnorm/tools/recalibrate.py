@@ -204,12 +204,6 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
                              f"unbiased variance needs at least two: pass more or larger batches")
         running_mean = m.running_mean if k is None else m.running_mean[k]  # a view of row k
         running_var = m.running_var if k is None else m.running_var[k]
-        # Momentum 1 gives the old values no weight, but lerp(old, new, 1) = new - (new - old) * 0
-        # is NaN where old is inf or NaN, which the rules refuse to store: a layer that torch.nn
-        # left with NaN statistics (one NaN batch in training) could never be repaired. Non-finite
-        # old values carry no information; they are reset (to a fresh layer's 0 and 1) first.
-        running_mean.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        running_var.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
         # num_batches_tracked None: recalibrating is not a training step, and its count stays.
         update_running_stats(running_mean, running_var, None, count, mean, m2, momentum=1.0,
                              name=f"recalibrate: {name} ({type(m).__name__})")
