@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -145,7 +146,9 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         activation: one of `kernels.ACTIVATIONS`, fused into the same kernel where that pays.
         negative_slope: the slope of "leaky_relu".
         layer_name: how errors and warnings name the caller, e.g. "BatchNorm2d(64)".
-        warn_key: object the non-finite warning is issued once for (defaults to the call site).
+        warn_key: object the non-finite warning is issued once for (defaults to the call site),
+            and, with `sync`, that the ranks' agreement on channels and dtype is checked once for
+            (without one, on every call: one more small all-gather).
         sync: in training, compute the statistics over the global batch of all ranks of
             `process_group` (SyncBatchNorm). Every rank must then call this in the same order, in
             forward and backward, even with an empty batch. No communication in eval mode, with a
@@ -418,7 +421,7 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
     fix = "use eval mode or GroupNorm for batch size 1"
     syncing = sync and _sync_world_size(process_group, name) > 1
     if syncing:
-        count, mean, m2 = _sync_batch_stats(input, process_group, name, fix)
+        count, mean, m2 = _sync_batch_stats(input, process_group, name, fix, warn_key)
         if count[0] == 0:  # every rank's batch is empty: all ranks return here alike
             return input.clone()
     else:
@@ -659,7 +662,7 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
                      name, warn_key):
     """Training with global statistics, then the running-statistics update, identical on every
     rank because every rank merges the same gathered partials in the same order."""
-    count, mean, m2 = _sync_batch_stats(input, process_group, name)
+    count, mean, m2 = _sync_batch_stats(input, process_group, name, checked_key=warn_key)
     invstd = torch.rsqrt(m2 / count.clamp_min(1) + eps)
     y = _sync_normalize(input, mean, invstd, count, weight, bias, residual, activation,
                         negative_slope, process_group, name)
@@ -727,8 +730,8 @@ def _collective(what: str, call, process_group, name: str) -> None:
 
 @_eager_only  # collectives
 @torch.no_grad()
-def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = ONE_VALUE_FIX
-                      ) -> tuple[Tensor, Tensor, Tensor]:
+def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = ONE_VALUE_FIX,
+                      checked_key: object | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel (count, mean, m2) of the global batch: the concatenation of every rank's `x`.
 
     Local (count, mean, m2) from the `stats` kernel (zeros for an empty local batch), one
@@ -738,8 +741,10 @@ def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = ONE_VALUE_
     Every rank merges the same partials in the same order: the results are bitwise identical.
 
     Raises ValueError, on every rank alike, when the global batch has one value per channel
-    (`fix` replaces the error's advice).
+    (`fix` replaces the error's advice), or when the ranks disagree on the channel count or dtype
+    (checked on the first call for `checked_key`, the layer, or on every call without one).
     """
+    _check_ranks_agree(x, process_group, name, checked_key)
     acc = accumulation_dtype(x.dtype)
     if x.numel() > 0:
         local = torch.stack(kernels.implementation(x).stats(x))
@@ -754,6 +759,31 @@ def _sync_batch_stats(x: Tensor, process_group, name: str, fix: str = ONE_VALUE_
         raise rules.one_value_error(name, f"input of shape {_shape(x)} on this rank, 1 value per "
                                      f"channel over all {len(gathered)} ranks", fix)
     return count, mean, m2
+
+
+_DTYPE_CODES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_agreed: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
+
+
+def _check_ranks_agree(x: Tensor, process_group, name: str, checked_key: object | None) -> None:
+    """One all-gather of (channels, dtype) before a layer's first synced statistics: ranks whose
+    models differ would otherwise all-gather partials of different sizes (a gloo abort or a hang)
+    or merge mismatched statistics. A model is built once, so one check per layer and group."""
+    group_key = id(process_group)
+    if checked_key is not None and group_key in _agreed.get(checked_key, ()):
+        return
+    mine = torch.tensor([x.shape[1], _DTYPE_CODES.index(x.dtype)], device=x.device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(process_group))]
+    _collective("all-gather of the channel counts and dtypes",
+                lambda: dist.all_gather(gathered, mine, group=process_group), process_group, name)
+    seen = [(int(c), _DTYPE_CODES[int(d)]) for c, d in gathered]
+    if any(other != seen[0] for other in seen):
+        described = ", ".join(f"rank {rank} has {c} channels of {str(d)[6:]}"
+                              for rank, (c, d) in enumerate(seen))
+        raise ValueError(f"{name}: the ranks' inputs disagree ({described}); every rank must "
+                         f"build the same model and feed it the same dtype")
+    if checked_key is not None:
+        _agreed.setdefault(checked_key, set()).add(group_key)
 
 
 @_eager_only  # an autograd.Function issuing collectives
