@@ -17,8 +17,6 @@ every rank applies the same update.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import weakref
 
 import torch

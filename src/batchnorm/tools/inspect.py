@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from batchnorm.kernels.native import stats
 from batchnorm.tools._common import (batch_inputs, batchnorm_types, is_domain, layer_values,
