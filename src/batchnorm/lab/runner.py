@@ -74,10 +74,10 @@ def _cost(cfg: dict) -> float:
     per_step = 1.0 + cfg["batch_size"] / 100
     per_step *= 4.0 if cfg["model"] == "cnn" else 1.0
     if cfg["norm"] in ("batch", "renorm", "ghost", "noisy_batch"):
-        # one normalization call per worker's slice or ghost batch, each with its own overhead
-        slices = (cfg["batch_size"] // cfg["virtual_batch"] if cfg["norm"] == "ghost"
-                  else cfg["workers"])
-        per_step *= 2.0 + 0.5 * (slices - 1)
+        # ghost BN makes one normalization call per ghost batch, each with its own overhead
+        # (simulated workers share one call)
+        chunks = cfg["batch_size"] // cfg["virtual_batch"] if cfg["norm"] == "ghost" else 1
+        per_step *= 2.0 + 0.5 * (chunks - 1)
     steps = cfg["steps"] + cfg["evals"]  # an evaluation costs about a step
     if cfg["probe_every"]:
         # a probe: a forward and backward per layer and per step size

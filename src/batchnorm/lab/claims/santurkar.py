@@ -3,7 +3,7 @@ Santurkar et al. 2018, "How Does Batch Normalization Help Optimization?" (arXiv 
 
 Both claims read the same three networks, no norm, BN and noisy BN (BN followed by noise that
 changes every step: `models.StepNoise`), trained with the same plain SGD and probed every
-`PROBE_EVERY` steps with `lab.probes` (ICS by their Definition 2.1, and the landscape along the
+50 steps with `lab.probes` (ICS by their Definition 2.1, and the landscape along the
 gradient). The configurations are identical, so the runner trains each once for both claims.
 """
 
@@ -27,14 +27,14 @@ REFERENCE = ("Santurkar et al. 2018 (VGG on CIFAR-10; deep linear networks): BN 
 SETUP = ("Ioffe's MLP (3 x 100 relu), plain SGD at learning rate 0.1 (their VGG's rate; both "
          "networks train at it), batch 128, torch's default init; no norm, BN, and noisy BN: "
          "after every BN, y = s x + m per unit with m ~ U(-1, 1) and s ~ U(1, 2) redrawn every "
-         "step (in eval mode its expectation, x 1.5). Every 50 steps (20 with --quick), on that "
+         "step (in eval mode its expectation, x 1.5). Every 50 steps (25 with --quick), on that "
          "step's batch: ICS of layers 2-4 (Definition 2.1: ||G - G'|| / ||G|| and cos(G, G')), "
          "and the loss and gradient at step sizes 0.25, 0.5, 1, 2 and 4 x lr along the gradient.")
 
 
 def configs(quick: bool) -> list[dict]:
-    base = {"activation": "relu", "batch_size": 128, "lr": 0.1, "steps": 200 if quick else 1500,
-            "evals": 10 if quick else 30, "probe_every": 20 if quick else 50}
+    base = {"activation": "relu", "batch_size": 128, "lr": 0.1, "steps": 150 if quick else 1500,
+            "evals": 10 if quick else 30, "probe_every": 25 if quick else 50}
     return [{**base, "norm": norm} for norm in VARIANTS]
 
 
