@@ -163,7 +163,8 @@ def _predictions_table(predictions: list[dict] | None) -> str:
     e = html.escape
     rows = "".join(
         f"<tr><td>{e(p['statement'])}</td><td>{e(p['metric'])}</td>"
-        f"<td>{'&ge;' if p['higher_supports'] else '&lt;'} {p['threshold']:.3g}</td>"
+        f"<td>{'&ge;' if p['higher_supports'] else '&lt;'} "
+        f"{p['threshold'] * _scale(p['metric']):.3g}</td>"
         f"<td>{e(fmt(p['estimate'], _scale(p['metric']), 2))}</td>"
         f"<td>{_verdict_badge(p['verdict'])}</td></tr>" for p in predictions)
     return ("<p><b>Predictions</b> (the claim holds only if all do; stated before running):</p>"
