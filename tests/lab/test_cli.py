@@ -112,6 +112,9 @@ def test_comparison_says_what_changed_and_why():
         "same method and criterion")
     assert got["ics"] == {"previous": None, "now": "not supported", "changed": False,
                           "why": "new in this release"}
+    old["left_out"] = {"ics": "its runs did not finish"}
+    assert report.compare(new, old)["claims"]["ics"]["why"] == (
+        "not in the previous summary: its runs did not finish")
     other = report.compare(new, report.summary(_results({}, seeds=3)))
     assert other["claims"] == {} and "not compared" in other["note"]
 

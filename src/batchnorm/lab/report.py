@@ -48,21 +48,24 @@ def compare(results: dict, previous: dict | None) -> dict:
     """Per claim, the previous and the current verdict, whether it changed, and why."""
     lab = results["lab"]
     if previous is None:
-        return {"note": "no previous run to compare with", "claims": {}}
+        return {"note": "No summary of a previous run to compare with.", "claims": {}}
     p = previous["lab"]
     same = (p["data"] == lab["data"]["name"] and p["quick"] == lab["quick"]
             and p["seeds"] == lab["seeds"])
-    note = (f"against the run of release {p['version']} ({p['data']}, {p['seeds']} seeds"
-            f"{', quick' if p['quick'] else ''})")
+    note = (f"The last release's run: batchnorm {p['version']}, {p['data']}, {p['seeds']} seeds"
+            f"{', quick' if p['quick'] else ''}")
     if not same:
-        return {"note": note + ": a different setting from this run's, so verdicts are not "
-                               "compared", "claims": {}}
+        return {"note": note + "; a different setting from this run's, so verdicts are not "
+                               "compared.", "claims": {}}
+    note += f". {previous['source']}" if previous.get("source") else "."
     out = {}
     for name, c in results["claims"].items():
         old = previous["claims"].get(name)
         if old is None:
+            left_out = previous.get("left_out", {}).get(name)
             out[name] = {"previous": None, "now": c["verdict"], "changed": False,
-                         "why": "new in this release"}
+                         "why": f"not in the previous summary: {left_out}" if left_out else
+                         "new in this release"}
             continue
         changed = old["verdict"] != c["verdict"]
         method = getattr(CLAIMS[name], "CHANGED", None)
@@ -183,7 +186,7 @@ def _changes(previous: dict, claims: dict) -> str:
                     f"<td>{e(c['why'])}</td></tr>")
     table = ("<table><tr><th>claim</th><th>last release</th><th>now</th><th></th><th>why</th>"
              "</tr>" + "".join(rows) + "</table>") if rows else ""
-    return f"<h2>Against the last release</h2><p>Verdicts {e(previous['note'])}.</p>{table}"
+    return f"<h2>Against the last release</h2><p>{e(previous['note'])}</p>{table}"
 
 
 def _html(results: dict, pngs: dict[str, bytes], wall_seconds: float) -> str:
