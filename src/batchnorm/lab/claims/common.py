@@ -97,14 +97,19 @@ def fmt(ci: dict, scale: float = POINTS, digits: int = 1, unit: str = "") -> str
             f"{ci['hi'] * scale:.{digits}f}]")
 
 
-def band(ax, x, ys, label, **kw):
-    """Mean line with a 95% CI band over seeds (rows of ys)."""
+def band(ax, x, ys, label, log: bool = False, **kw):
+    """Mean line with a 95% CI band over seeds (rows of ys). With `log`, both are taken of log10
+    values (the geometric mean and its interval), so the band fits a log axis instead of
+    reaching below zero."""
     ys = np.asarray(ys, dtype=float)
+    ys = np.log10(ys) if log else ys
+    back = (lambda v: 10 ** v) if log else (lambda v: v)
     mean = ys.mean(0)
-    line, = ax.plot(x, mean, label=label, **kw)
+    line, = ax.plot(x, back(mean), label=label, **kw)
     if len(ys) > 1:
         half = stats.t.ppf(0.975, len(ys) - 1) * ys.std(0, ddof=1) / math.sqrt(len(ys))
-        ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+        ax.fill_between(x, back(mean - half), back(mean + half), color=line.get_color(),
+                        alpha=0.2)
     return line
 
 

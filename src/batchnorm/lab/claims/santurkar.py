@@ -71,12 +71,13 @@ def curves(ax, runs: list[dict], what: str) -> None:
 
 
 def over_probes(ax, runs: list[dict], value, ylabel: str, norms=tuple(VARIANTS), log=False):
-    """A per-probe quantity over training, mean and 95% band over seeds, per variant."""
+    """A per-probe quantity over training, mean and 95% band over seeds, per variant (geometric
+    on a log axis)."""
     for norm, ms in by_variant(runs).items():
         if norm not in norms:
             continue
         steps = [p["step"] for p in ms[0]["probes"]]
-        band(ax, steps, [[value(p) for p in m["probes"]] for m in ms], VARIANTS[norm])
+        band(ax, steps, [[value(p) for p in m["probes"]] for m in ms], VARIANTS[norm], log=log)
     if log:
         ax.set_yscale("log")
     ax.set(xlabel="training step", ylabel=ylabel)
