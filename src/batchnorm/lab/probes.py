@@ -12,8 +12,9 @@ moves, and a noisy-BN layer keeps the noise it drew for step t.
   first layer has nothing below it).
 - The landscape along the gradient (s3.1, Fig. 4): with g = dL/dtheta at theta_t and step sizes
   eta in `multipliers` x lr, L(theta_t - eta g) and ||dL/dtheta(theta_t - eta g) - g||. Their
-  ranges over eta (eta = 0 included) are the "loss landscape" and the "gradient predictiveness" (a small change of
-  the gradient along the step means the gradient predicts the landscape ahead), and
+  ranges over eta (eta = 0 included) are the "loss landscape" and the "gradient predictiveness"
+  (a small change of the gradient along the step means the gradient predicts the landscape
+  ahead), and
   max over eta of ||dL(theta_t - eta g) - g|| / ||eta g|| is the "effective beta-smoothness".
 
 A layer is a hidden block (its linear or convolution and its normalization's parameters) or the

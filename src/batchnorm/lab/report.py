@@ -31,6 +31,7 @@ from batchnorm.lab.runner import atomic_write  # noqa: E402
 
 COLORS = {"supported": "#1a7f37", "not supported": "#cf222e", "inconclusive": "#9a6700"}
 PREVIOUS = Path(__file__).with_name("previous.json")
+UNCONVERGED = ", so that claim compares networks that have not converged"
 
 
 def summary(results: dict) -> dict:
@@ -238,8 +239,7 @@ seeds{' (quick mode: short runs, small grids)' if lab['quick'] else ''}; numbers
         parts.append(f"<p>Converged baseline of the batch-size claim: BN with 32 examples per "
                      f"worker reaches {b['bn_reference'] * 100:.1f}%, the MLP above "
                      f"{b['mlp'] * 100:.1f}%: {'within' if b['converged'] else 'more than'} 3 "
-                     f"points{'' if b['converged'] else ', so that claim compares unconverged networks'}."
-                     f"</p>")
+                     f"points{'' if b['converged'] else UNCONVERGED}.</p>")
     for name, c in results["claims"].items():
         img = base64.b64encode(pngs[name]).decode()
         parts.append(f"""<h2 id="{e(name)}">{e(c['title'])} <span class="small">({e(name)})</span>
