@@ -32,7 +32,8 @@ SETUP = ("Ioffe's MLP (3 x 100 relu), SGD with momentum 0.9 and a cosine learnin
          "synchronized statistics); group norm (5 groups) does not depend on B. "
          "Every batch size sees the same 80,000 training examples (20 epochs of MNIST-1D; 8,000 "
          "with --quick), long enough for BN at B = 32 to converge, with the learning rate "
-         "scaled linearly with the batch: 0.05 x 8B / 32. The no-norm MLP of the sanity check is the converged reference.")
+         "scaled linearly with the batch: 0.05 x 8B / 32. The no-norm MLP of the sanity check "
+         "is the converged reference.")
 
 WORKERS = 8
 BATCHES = [4, 8, 16, 32]
