@@ -74,9 +74,11 @@ def compare(results: dict, previous: dict | None) -> dict:
             why = f"method changed: {method}"
         elif old["criterion"] != c["criterion"]:
             why = "the criterion changed"
-        else:
+        elif changed:
             why = ("same method and criterion: the runs differ (library code or training details "
                    "shared by all claims)")
+        else:
+            why = "same method and criterion"
         out[name] = {"previous": old["verdict"], "previous_headline": old["headline"],
                      "now": c["verdict"], "changed": changed, "why": why}
     return {"note": note, "claims": out}
