@@ -13,9 +13,10 @@ def _lab_parser(sub) -> None:
     from batchnorm.lab.claims import CLAIMS
 
     p = sub.add_parser("lab", help="measure what batch norm buys on real data and write a report",
-                       description="Trains small networks with and without batch norm, tests five "
-                                   "promises with seeds and confidence intervals, and writes "
-                                   "report.html, results.json and plots/ to --out.")
+                       description="Trains small networks with and without batch norm, tests "
+                                   "its promises and the explanations of why it works with seeds "
+                                   "and confidence intervals, and writes report.html, "
+                                   "results.json and plots/ to --out.")
     p.add_argument("--data", default="mnist1d",
                    help="mnist1d (default, built locally), digits (sklearn), or a path: a directory "
                         "of MNIST idx files (optionally .gz), a directory of CIFAR-10 binary "
@@ -32,11 +33,20 @@ def _lab_parser(sub) -> None:
                    help="output directory (default lab-report/); its cache/ lets a rerun resume")
     p.add_argument("--fresh", action="store_true", help="ignore cached runs and rerun everything")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="cpu",
+                   help="torch device every run trains on: cpu (default), cuda, cuda:N; part of "
+                        "each run's configuration, so its cache entries are its own")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run the sweep's configurations on the Ray cluster at ADDRESS (host:port, "
+                        "auto, or local for a fresh instance on this machine) instead of --jobs "
+                        "local processes; results merge into the same cache (needs "
+                        "batchnorm[ray])")
     p.set_defaults(func=_lab)
 
 
 def _lab(args, parser) -> int:
     from batchnorm.lab import data as lab_data
+    from batchnorm.lab import train
     from batchnorm.lab.claims import CLAIMS
     from batchnorm.lab.runner import QUICK_SEEDS, run_lab
 
@@ -50,14 +60,26 @@ def _lab(args, parser) -> int:
         parser.error(f"--seeds: expected a positive number, got {seeds}")
     if args.jobs < 1:
         parser.error(f"--jobs: expected a positive number, got {args.jobs}")
+    if args.ray is None or args.ray == "local":
+        # runs on this machine: its device must exist here (a cluster's nodes are checked there)
+        try:
+            train.device_of({"device": args.device})
+        except (ValueError, RuntimeError) as e:
+            parser.error(f"--device: {e}")
     try:
         # loaded before anything is written: a bad file leaves no partial output behind
         data = lab_data.load(args.data)
     except lab_data.DataError as e:
         print(f"batchnorm lab: error: {e}", file=sys.stderr)
         return 2
+    if args.ray is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            parser.error("--ray: needs the ray package (pip install 'batchnorm[ray]')")
     results = run_lab(data, claims, seeds, args.quick, args.jobs, args.out, args.fresh,
-                      show_progress=not args.no_progress)
+                      show_progress=not args.no_progress, device=args.device,
+                      ray_address=args.ray)
     width = max(len(c["title"]) for c in results["claims"].values())
     for c in results["claims"].values():
         print(f"{c['title']:<{width}}  {c['verdict']:<14} {c['headline']}")

@@ -19,7 +19,8 @@ import batchnorm
 from batchnorm import cli
 from batchnorm.lab import train
 from batchnorm.lab.claims import CLAIMS
-from batchnorm.lab.claims.common import mean_ci, verdict
+from batchnorm.lab import report
+from batchnorm.lab.claims.common import all_of, mean_ci, verdict
 from conftest import lab
 
 VERDICTS = {"supported", "not supported", "inconclusive"}
@@ -42,8 +43,14 @@ def test_quick_report_states_every_claim_with_its_verdict(quick):
     verdict_table = page[page.index("<h2>Verdicts</h2>"):page.index("<h2>Sanity check</h2>")]
     for name, c in results["claims"].items():
         assert c["verdict"] in VERDICTS
-        # the stated verdict follows from the stated estimate and threshold
-        assert c["verdict"] == verdict(c["estimate"], c["threshold"], c["higher_supports"])
+        # the stated verdict follows from the stated estimates and thresholds
+        if "predictions" in c:
+            for p in c["predictions"]:
+                assert p["verdict"] == verdict(p["estimate"], p["threshold"], p["higher_supports"])
+                assert html.escape(p["statement"]) in page
+            assert c["verdict"] == all_of([p["verdict"] for p in c["predictions"]])
+        else:
+            assert c["verdict"] == verdict(c["estimate"], c["threshold"], c["higher_supports"])
         row = verdict_table[verdict_table.index(f'href="#{name}"'):]
         row = row[:row.index("</tr>")]
         assert CLAIMS[name].CRITERION in html.unescape(row)
@@ -70,6 +77,46 @@ def test_quick_report_numbers_match_the_runs(quick):
     sanity = results["sanity"]
     cnn = [r["metrics"]["final_test"] for r in results["runs"] if r["config"]["model"] == "cnn"]
     assert sanity["cnn"]["ours"]["mean"] == pytest.approx(np.mean(cnn))
+
+
+def test_quick_report_compares_with_the_committed_previous_run(quick):
+    out, _ = quick
+    results = json.loads((out / "results.json").read_text())
+    previous = json.loads(report.PREVIOUS.read_text())
+    # the committed summary is of a full run; a quick run is another setting and says so
+    assert not previous["lab"]["quick"]
+    assert "not compared" in results["previous"]["note"]
+    page = (out / "report.html").read_text()
+    assert "<h2>Against the last release</h2>" in page
+
+
+def _results(claims: dict, seeds=5, quick=False) -> dict:
+    return {"lab": {"version": "x", "seeds": seeds, "quick": quick,
+                    "data": {"name": "mnist1d"}},
+            "sanity": {"mlp": {"text": "66%"}, "cnn": {"text": "90%"}},
+            "claims": {n: {"title": n, "criterion": CLAIMS[n].CRITERION, "metric": "m",
+                           "estimate": {"mean": 1}, "headline": "h", "verdict": v}
+                       for n, v in claims.items()}}
+
+
+def test_comparison_says_what_changed_and_why():
+    old = report.summary(_results({"convergence": "inconclusive", "regularization": "supported"}))
+    new = _results({"convergence": "supported", "regularization": "not supported",
+                    "ics": "not supported"})
+    got = report.compare(new, old)["claims"]
+    # convergence's method changed, and its note says how
+    assert got["convergence"]["changed"]
+    assert got["convergence"]["why"] == "method changed: " + CLAIMS["convergence"].CHANGED
+    # regularization's did not: the change comes from the runs
+    assert got["regularization"]["changed"] and got["regularization"]["why"].startswith(
+        "same method and criterion")
+    assert got["ics"] == {"previous": None, "now": "not supported", "changed": False,
+                          "why": "new in this release"}
+    old["left_out"] = {"ics": "its runs did not finish"}
+    assert report.compare(new, old)["claims"]["ics"]["why"] == (
+        "not in the previous summary: its runs did not finish")
+    other = report.compare(new, report.summary(_results({}, seeds=3)))
+    assert other["claims"] == {} and "not compared" in other["note"]
 
 
 def test_quick_report_is_self_contained_with_rendered_plots(quick):
@@ -112,6 +159,38 @@ def test_bad_data_exits_nonzero_and_writes_nothing(tmp_path, capsys, make_bad, m
     assert cli.main(["lab", "--data", str(path), "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                    reason="checks the error where CUDA is missing")
+def test_cuda_without_a_gpu_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["lab", "--device", "cuda", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert "--device: lab configuration: device 'cuda' asked for, but torch sees no CUDA" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_runs_merge_into_the_same_cache(tmp_path):
+    pytest.importorskip("ray", reason="--ray needs the optional ray package (batchnorm[ray])")
+    args = ["--quick", "--seeds", "1", "--claims", "learning-rate"]
+    pool, ray = tmp_path / "pool", tmp_path / "ray"
+    assert lab(*args, "--jobs", "2", "--out", str(pool)).returncode == 0
+    proc = lab(*args, "--ray", "local", "--out", str(ray))
+    assert proc.returncode == 0, proc.stderr
+    # the same numbers whichever executor trained them
+    assert (ray / "results.json").read_bytes() == (pool / "results.json").read_bytes()
+    # a second sweep on Ray into the pool's cache trains only what is missing
+    before = {f.name for f in (pool / "cache").glob("*.json")}
+    proc = lab("--quick", "--seeds", "1", "--claims", "learning-rate", "inference", "--ray",
+               "local", "--out", str(pool))
+    assert proc.returncode == 0, proc.stderr
+    after = {f.name for f in (pool / "cache").glob("*.json")}
+    results = json.loads((pool / "results.json").read_text())
+    assert before < after and len(after) == len(results["runs"])
+    first = json.loads((ray / "results.json").read_text())
+    assert results["claims"]["learning-rate"] == first["claims"]["learning-rate"]
 
 
 def test_unknown_claim_is_a_usage_error(tmp_path, capsys):

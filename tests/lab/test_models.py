@@ -28,8 +28,8 @@ def test_batch_uses_the_library_layers():
 
 
 def test_unknown_norm_lists_the_names():
-    with pytest.raises(ValueError, match="norm: expected one of none, batch, renorm, ghost, "
-                                         "group, layer, got 'instance'"):
+    with pytest.raises(ValueError, match="norm: expected one of none, batch, noisy_batch, renorm, "
+                                         "ghost, group, layer, got 'instance'"):
         models.build(_cfg(norm="instance"), (1, 40), 10)
 
 

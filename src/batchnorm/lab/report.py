@@ -1,6 +1,12 @@
 """The lab's outputs: results.json (every run with its full configuration, every claim's numbers
 and verdict), plots/*.png, and report.html, self-contained (plots embedded as base64 PNG) so it
-opens from disk or as a mail attachment."""
+opens from disk or as a mail attachment.
+
+The report compares each verdict with the last release's run, whose summary (`summary()` of its
+results.json) is committed as `previous.json` beside this module, and says why a verdict changed:
+the claim's method changed (its `CHANGED` note says how), or, with the method unchanged, the runs
+did (library code, training details shared by all claims).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,62 @@ from batchnorm.lab.data import Dataset  # noqa: E402
 from batchnorm.lab.runner import atomic_write  # noqa: E402
 
 COLORS = {"supported": "#1a7f37", "not supported": "#cf222e", "inconclusive": "#9a6700"}
+PREVIOUS = Path(__file__).with_name("previous.json")
+UNCONVERGED = ", so that claim compares networks that have not converged"
+
+
+def summary(results: dict) -> dict:
+    """What a later release compares with: the run's setting and each claim's criterion, metric,
+    estimate, headline and verdict."""
+    keep = ("title", "criterion", "metric", "estimate", "headline", "verdict")
+    return {"lab": {k: results["lab"][k] for k in ("version", "seeds", "quick")}
+            | {"data": results["lab"]["data"]["name"]},
+            "sanity": {m: results["sanity"][m]["text"] for m in ("mlp", "cnn")},
+            "claims": {name: {k: c[k] for k in keep if k in c}
+                       for name, c in results["claims"].items()}}
+
+
+def compare(results: dict, previous: dict | None) -> dict:
+    """Per claim, the previous and the current verdict, whether it changed, and why."""
+    lab = results["lab"]
+    if previous is None:
+        return {"note": "No summary of a previous run to compare with.", "claims": {}}
+    p = previous["lab"]
+    same = (p["data"] == lab["data"]["name"] and p["quick"] == lab["quick"]
+            and p["seeds"] == lab["seeds"])
+    note = (f"The last release's run: batchnorm {p['version']}, {p['data']}, {p['seeds']} seeds"
+            f"{', quick' if p['quick'] else ''}")
+    if not same:
+        return {"note": note + "; a different setting from this run's, so verdicts are not "
+                               "compared.", "claims": {}}
+    note += f". {previous['source']}" if previous.get("source") else "."
+    out = {}
+    for name, c in results["claims"].items():
+        old = previous["claims"].get(name)
+        if old is None:
+            left_out = previous.get("left_out", {}).get(name)
+            out[name] = {"previous": None, "now": c["verdict"], "changed": False,
+                         "why": f"not in the previous summary: {left_out}" if left_out else
+                         "new in this release"}
+            continue
+        changed = old["verdict"] != c["verdict"]
+        method = getattr(CLAIMS[name], "CHANGED", None)
+        if method:
+            why = f"method changed: {method}"
+        elif old["criterion"] != c["criterion"]:
+            why = "the criterion changed"
+        elif changed:
+            why = ("same method and criterion: the runs differ (library code or training details "
+                   "shared by all claims)")
+        else:
+            why = "same method and criterion"
+        out[name] = {"previous": old["verdict"], "previous_headline": old["headline"],
+                     "now": c["verdict"], "changed": changed, "why": why}
+    return {"note": note, "claims": out}
+
+
+def _load_previous() -> dict | None:
+    return json.loads(PREVIOUS.read_text()) if PREVIOUS.exists() else None
 
 
 def _clean(x):
@@ -63,10 +125,11 @@ def write(out: Path, data: Dataset, runs: dict[str, list[dict]], claims: list[st
     for name in claims:
         claim = CLAIMS[name]
         evaluation = claim.evaluate(runs[name], data.classes)
+        stated = ({} if "predictions" in evaluation else
+                  {"threshold": claim.THRESHOLD, "higher_supports": claim.HIGHER_SUPPORTS})
         results["claims"][name] = {
             "title": claim.TITLE, "promise": claim.PROMISE, "criterion": claim.CRITERION,
-            "threshold": claim.THRESHOLD, "higher_supports": claim.HIGHER_SUPPORTS,
-            "setup": claim.SETUP, "reference": claim.REFERENCE, **evaluation}
+            **stated, "setup": claim.SETUP, "reference": claim.REFERENCE, **evaluation}
         pngs[name] = _png(claim.plot(runs[name], evaluation))
     seen = set()
     for group, rs in runs.items():
@@ -76,6 +139,7 @@ def write(out: Path, data: Dataset, runs: dict[str, list[dict]], claims: list[st
                 seen.add(key)
                 results["runs"].append({"groups": [g for g, x in runs.items() if r in x],
                                         "config": r["config"], "metrics": r["metrics"]})
+    results["previous"] = compare(results, _load_previous())
     results = _clean(results)
     for name, png in pngs.items():
         atomic_write(out / "plots" / f"{name}.png", png)
@@ -97,6 +161,35 @@ def _numbers_table(numbers: dict) -> str:
                     f"</td></tr>")
     return ('<table class="numbers"><tr><th>quantity</th><th>mean [95% CI over seeds]</th></tr>'
             + "".join(rows) + "</table>")
+
+
+def _predictions_table(predictions: list[dict] | None) -> str:
+    if not predictions:
+        return ""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(p['statement'])}</td><td>{e(p['metric'])}</td>"
+        f"<td>{'&ge;' if p['higher_supports'] else '&lt;'} "
+        f"{p['threshold'] * _scale(p['metric']):.3g}</td>"
+        f"<td>{e(fmt(p['estimate'], _scale(p['metric']), 2))}</td>"
+        f"<td>{_verdict_badge(p['verdict'])}</td></tr>" for p in predictions)
+    return ("<p><b>Predictions</b> (the claim holds only if all do; stated before running):</p>"
+            '<table><tr><th>prediction</th><th>metric</th><th>needs</th>'
+            "<th>estimate [95% CI]</th><th>verdict</th></tr>" + rows + "</table>")
+
+
+def _changes(previous: dict, claims: dict) -> str:
+    e = html.escape
+    rows = []
+    for name, c in previous["claims"].items():
+        was = "—" if c["previous"] is None else _verdict_badge(c["previous"])
+        rows.append(f"<tr><td>{e(claims[name]['title'])}</td><td>{was}</td>"
+                    f"<td>{_verdict_badge(c['now'])}</td>"
+                    f"<td>{'<b>changed</b>' if c['changed'] else 'same'}</td>"
+                    f"<td>{e(c['why'])}</td></tr>")
+    table = ("<table><tr><th>claim</th><th>last release</th><th>now</th><th></th><th>why</th>"
+             "</tr>" + "".join(rows) + "</table>") if rows else ""
+    return f"<h2>Against the last release</h2><p>{e(previous['note'])}</p>{table}"
 
 
 def _html(results: dict, pngs: dict[str, bytes], wall_seconds: float) -> str:
@@ -131,6 +224,7 @@ seeds{' (quick mode: short runs, small grids)' if lab['quick'] else ''}; numbers
                      f'<td>{e(c["criterion"])}</td><td>{e(c["headline"])}</td>'
                      f'<td>{_verdict_badge(c["verdict"])}</td></tr>')
     parts.append("</table>")
+    parts.append(_changes(results["previous"], results["claims"]))
     s = results["sanity"]
     parts.append(f"<h2>Sanity check</h2><p>{e(s['criterion'])} Reference: {e(s['reference'])}</p>"
                  "<table><tr><th>model (no normalization)</th><th>ours</th><th>published</th>"
@@ -142,6 +236,12 @@ seeds{' (quick mode: short runs, small grids)' if lab['quick'] else ''}; numbers
         parts.append(f"<tr><td>{model.upper()}</td><td>{e(row['text'])}</td><td>{pub}</td>"
                      f"<td>{ok}</td></tr>")
     parts.append("</table>")
+    if "batch-size" in results["claims"]:
+        b = results["claims"]["batch-size"]["baseline"]
+        parts.append(f"<p>Converged baseline of the batch-size claim: BN with 32 examples per "
+                     f"worker reaches {b['bn_reference'] * 100:.1f}%, the MLP above "
+                     f"{b['mlp'] * 100:.1f}%: {'within' if b['converged'] else 'more than'} 3 "
+                     f"points{'' if b['converged'] else UNCONVERGED}.</p>")
     for name, c in results["claims"].items():
         img = base64.b64encode(pngs[name]).decode()
         parts.append(f"""<h2 id="{e(name)}">{e(c['title'])} <span class="small">({e(name)})</span>
@@ -150,6 +250,7 @@ seeds{' (quick mode: short runs, small grids)' if lab['quick'] else ''}; numbers
 <p><b>Criterion.</b> {e(c['criterion'])}</p>
 <div class="side"><div><b>Literature</b><p>{e(c['reference'])}</p></div>
 <div><b>Ours</b><p>{e(c['headline'])}</p><p class="small">{e(c['setup'])}</p></div></div>
+{_predictions_table(c.get('predictions'))}
 <img alt="plot for {e(name)}" src="data:image/png;base64,{img}">
 {_numbers_table(c['numbers'])}""")
     parts.append(f"""<p class="small">{len(results['runs'])} distinct runs; this invocation took

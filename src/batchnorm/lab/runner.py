@@ -1,5 +1,6 @@
 """Runs the lab: plans the runs of the chosen claims, trains them in a process pool, caches each
-finished run, and writes the report.
+finished run, and writes the report. With `--ray ADDRESS` the runs go to a Ray cluster instead of
+the local pool; the driver writes their results into the same cache.
 
 Each run is cached as `<out>/cache/<id>.json`, where the id hashes the full configuration, the data
 set's fingerprint, the library version and a hash of its source; the file is written to a temporary name and renamed, so
@@ -59,20 +60,29 @@ def run_id(cfg: dict, data: Dataset) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def plan(claims: list[str], quick: bool, seeds: int) -> dict[str, list[dict]]:
+def plan(claims: list[str], quick: bool, seeds: int, device: str = "cpu"
+         ) -> dict[str, list[dict]]:
     """group (claim name or "sanity") -> full run configurations, seeds innermost."""
     groups = {SANITY.NAME: SANITY.configs(quick)}
     groups.update((name, CLAIMS[name].configs(quick)) for name in claims)
-    return {g: [train.make_config({**c, "seed": s}) for c in cfgs for s in range(seeds)]
-            for g, cfgs in groups.items()}
+    return {g: [train.make_config({**c, "seed": s, "device": device}) for c in cfgs
+                for s in range(seeds)] for g, cfgs in groups.items()}
 
 
 def _cost(cfg: dict) -> float:
     """A rough relative run time, to order runs within a claim and to weigh the progress bar."""
     per_step = 1.0 + cfg["batch_size"] / 100
     per_step *= 4.0 if cfg["model"] == "cnn" else 1.0
-    per_step *= 2.0 if cfg["norm"] in ("batch", "renorm", "ghost") else 1.0
-    return cfg["steps"] * per_step
+    if cfg["norm"] in ("batch", "renorm", "ghost", "noisy_batch"):
+        # ghost BN makes one normalization call per ghost batch, each with its own overhead
+        # (simulated workers share one call)
+        chunks = cfg["batch_size"] // cfg["virtual_batch"] if cfg["norm"] == "ghost" else 1
+        per_step *= 2.0 + 0.5 * (chunks - 1)
+    steps = cfg["steps"] + cfg["evals"]  # an evaluation costs about a step
+    if cfg["probe_every"]:
+        # a probe: a forward and backward per layer and per step size
+        steps += cfg["steps"] / cfg["probe_every"] * (2 * cfg["depth"] + 6)
+    return steps * per_step
 
 
 _DATA: Dataset | None = None
@@ -92,6 +102,66 @@ def _work(cfg: dict) -> tuple[dict, float]:
     return metrics, time.perf_counter() - start
 
 
+def _ray_work(cfg: dict, data: Dataset, code: str) -> tuple[dict, float]:
+    """One run on a Ray worker, single-threaded like a pool worker. A worker whose batchnorm
+    source differs from the driver's would cache its numbers under the driver's code hash, so it
+    refuses to run."""
+    import torch
+
+    if code_fingerprint() != code:
+        raise RuntimeError(f"--ray: this worker's batchnorm source (hash {code_fingerprint()}, "
+                           f"version {batchnorm.__version__}) differs from the driver's (hash "
+                           f"{code}); install the same batchnorm on every node")
+    torch.set_num_threads(1)
+    global _DATA
+    _DATA = data
+    return _work(cfg)
+
+
+# a run's share of a GPU on a Ray cluster: the lab's models are small, so four share one
+RAY_GPU_SHARE = 0.25
+
+
+def _pool_results(pending: list[str], todo: dict[str, dict], data: Dataset, jobs: int):
+    """(run id, metrics, seconds) as the local process pool finishes them."""
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx,
+                                initializer=_init_worker, initargs=(data,)) as pool:
+        futures = {pool.submit(_work, todo[rid]): rid for rid in pending}
+        try:
+            for fut in cf.as_completed(futures):
+                yield (futures[fut], *fut.result())
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _ray_results(pending: list[str], todo: dict[str, dict], data: Dataset, address: str):
+    """(run id, metrics, seconds) as the Ray cluster at `address` finishes them ("local": a
+    fresh single-machine instance). The driver alone writes the cache, so results merge into
+    it exactly as the pool's do."""
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError("--ray needs ray: pip install 'batchnorm[ray]'") from e
+    ray.init(address=None if address == "local" else address, log_to_driver=False,
+             include_dashboard=False, configure_logging=False)
+    try:
+        remote = ray.remote(_ray_work)
+        data_ref = ray.put(data)
+        code = code_fingerprint()
+        refs = {}
+        for rid in pending:
+            gpus = RAY_GPU_SHARE if todo[rid]["device"].startswith("cuda") else 0
+            refs[remote.options(num_cpus=1, num_gpus=gpus).remote(todo[rid], data_ref, code)] = rid
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            for ref in ready:
+                yield (refs.pop(ref), *ray.get(ref))
+    finally:
+        ray.shutdown()
+
+
 def _load_cached(path: Path, cfg: dict) -> dict | None:
     try:
         record = json.loads(path.read_text())
@@ -101,8 +171,9 @@ def _load_cached(path: Path, cfg: dict) -> dict | None:
 
 
 def execute(groups: dict[str, list[dict]], data: Dataset, out: Path, jobs: int, fresh: bool,
-            progress=None) -> dict[str, dict]:
-    """Runs every configuration not in the cache; returns run id -> {"config", "metrics"}."""
+            progress=None, ray_address: str | None = None) -> dict[str, dict]:
+    """Runs every configuration not in the cache, in a local process pool or on the Ray cluster at
+    `ray_address`; returns run id -> {"config", "metrics"}."""
     cache = out / "cache"
     todo: dict[str, dict] = {}
     group_of: dict[str, int] = {}
@@ -125,24 +196,16 @@ def execute(groups: dict[str, list[dict]], data: Dataset, out: Path, jobs: int, 
         progress.start(len(todo), len(done), sum(_cost(c) for c in todo.values()),
                        sum(_cost(todo[r]) for r in done))
     if pending:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx,
-                                    initializer=_init_worker, initargs=(data,)) as pool:
-            futures = {pool.submit(_work, todo[rid]): rid for rid in pending}
-            try:
-                for fut in cf.as_completed(futures):
-                    rid = futures[fut]
-                    metrics, seconds = fut.result()
-                    record = {"id": rid, "config": todo[rid], "data": data.describe(),
-                              "version": batchnorm.__version__, "metrics": metrics,
-                              "seconds": round(seconds, 3)}
-                    atomic_write(cache / f"{rid}.json", json.dumps(record))
-                    done[rid] = {"config": todo[rid], "metrics": metrics}
-                    if progress is not None:
-                        progress.advance(_cost(todo[rid]))
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        results = (_ray_results(pending, todo, data, ray_address) if ray_address else
+                   _pool_results(pending, todo, data, jobs))
+        for rid, metrics, seconds in results:
+            record = {"id": rid, "config": todo[rid], "data": data.describe(),
+                      "version": batchnorm.__version__, "metrics": metrics,
+                      "seconds": round(seconds, 3)}
+            atomic_write(cache / f"{rid}.json", json.dumps(record))
+            done[rid] = {"config": todo[rid], "metrics": metrics}
+            if progress is not None:
+                progress.advance(_cost(todo[rid]))
     return done
 
 
@@ -173,15 +236,16 @@ class Progress:
 
 
 def run_lab(data: Dataset, claims: list[str], seeds: int, quick: bool, jobs: int, out: Path,
-            fresh: bool, show_progress: bool = True) -> dict:
+            fresh: bool, show_progress: bool = True, device: str = "cpu",
+            ray_address: str | None = None) -> dict:
     """Everything `batchnorm lab` does after parsing its arguments; returns results.json's dict."""
     from batchnorm.lab import report
 
     start = time.perf_counter()
-    groups = plan(claims, quick, seeds)
+    groups = plan(claims, quick, seeds, device)
     progress = Progress() if show_progress else None
     try:
-        done = execute(groups, data, out, jobs, fresh, progress)
+        done = execute(groups, data, out, jobs, fresh, progress, ray_address)
     finally:
         if progress is not None:
             progress.stop()

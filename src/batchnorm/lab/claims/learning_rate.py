@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 
-from batchnorm.lab.claims.common import POINTS, fmt, mean_ci, select, trains, verdict, yerr
+from batchnorm.lab.claims.common import (POINTS, fmt, mean_ci, select, share, trains, verdict,
+                                         yerr)
 
 NAME = "learning-rate"
 TITLE = "Higher usable learning rates"
@@ -62,8 +63,8 @@ def evaluate(runs: list[dict], classes: int) -> dict:
         for lr in _rates(runs):
             ms = select(runs, norm=norm, lr=lr)
             numbers[f"{label}, lr {lr:g}: best test (%)"] = mean_ci([_best(m) for m in ms])
-            numbers[f"{label}, lr {lr:g}: diverged (share of seeds)"] = mean_ci(
-                [float(m["diverged"]) for m in ms])
+            numbers[f"{label}, lr {lr:g}: diverged (share of seeds)"] = share(
+                [m["diverged"] for m in ms])
     best = {label: max((v["mean"] for k, v in numbers.items()
                         if k.startswith(f"{label}, lr") and "best" in k)) for label in
             ("no norm", "BN")}

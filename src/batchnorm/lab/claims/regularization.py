@@ -34,7 +34,7 @@ VARIANTS = {  # label -> overrides
 
 
 def base(quick: bool) -> dict:
-    return {**BASE, "steps": 200 if quick else 1200, "evals": 5 if quick else 12}
+    return {**BASE, "steps": 120 if quick else 1200, "evals": 4 if quick else 12}
 
 
 def configs(quick: bool) -> list[dict]:
