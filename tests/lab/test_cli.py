@@ -224,3 +224,13 @@ def test_sigkill_then_resume_gives_the_same_results(tmp_path):
     assert lab(*args, "--out", str(clean)).returncode == 0
     assert (killed / "results.json").read_bytes() == (clean / "results.json").read_bytes()
     assert len(list((killed / "cache").glob("*.json"))) > len(cached)
+
+
+def test_comparison_table_says_new_where_the_last_release_has_no_verdict():
+    compared = {"note": "n", "claims": {
+        "a": {"previous": None, "now": "supported", "changed": False, "why": "new in this release"},
+        "b": {"previous": "inconclusive", "now": "supported", "changed": True, "why": "w"},
+        "c": {"previous": "supported", "now": "supported", "changed": False, "why": "w"}}}
+    page = report._changes(compared, {n: {"title": n} for n in "abc"})
+    cells = [row.split("</td><td>")[3] for row in page.split("<tr>")[2:]]
+    assert cells == ["new", "<b>changed</b>", "same"]

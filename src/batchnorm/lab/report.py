@@ -178,6 +178,12 @@ def _predictions_table(predictions: list[dict] | None) -> str:
             "<th>estimate [95% CI]</th><th>verdict</th></tr>" + rows + "</table>")
 
 
+def _comparison(change: dict) -> str:
+    if change["previous"] is None:
+        return "new"  # no verdict to compare with: a new claim, or one whose runs did not finish
+    return "<b>changed</b>" if change["changed"] else "same"
+
+
 def _changes(previous: dict, claims: dict) -> str:
     e = html.escape
     rows = []
@@ -185,7 +191,7 @@ def _changes(previous: dict, claims: dict) -> str:
         was = "—" if c["previous"] is None else _verdict_badge(c["previous"])
         rows.append(f"<tr><td>{e(claims[name]['title'])}</td><td>{was}</td>"
                     f"<td>{_verdict_badge(c['now'])}</td>"
-                    f"<td>{'<b>changed</b>' if c['changed'] else 'same'}</td>"
+                    f"<td>{_comparison(c)}</td>"
                     f"<td>{e(c['why'])}</td></tr>")
     table = ("<table><tr><th>claim</th><th>last release</th><th>now</th><th></th><th>why</th>"
              "</tr>" + "".join(rows) + "</table>") if rows else ""
