@@ -29,10 +29,7 @@ PREDICTIONS = [
 ]
 REFERENCE = santurkar.REFERENCE
 SETUP = santurkar.SETUP
-
-
-def configs(quick: bool) -> list[dict]:
-    return santurkar.configs(quick)
+configs = santurkar.configs  # both mechanism claims read the same runs
 
 
 def evaluate(runs: list[dict], classes: int) -> dict:
