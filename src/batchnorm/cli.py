@@ -90,10 +90,12 @@ def _lab(args, parser) -> int:
 def _tune_parser(sub) -> None:
     p = sub.add_parser("tune", help="measure where our kernels beat torch's on this machine",
                        description="Times torch's batch-norm kernel against ours on a sweep of "
-                                   "training steps and stores the sizes where each wins in the "
-                                   "user cache directory (or $BATCHNORM_PROFILE); later runs "
-                                   "route by it. About a minute.")
+                                   "training steps and fused eval calls shaped like real "
+                                   "networks' layers and stores the timings in the user cache "
+                                   "directory (or $BATCHNORM_PROFILE); later runs route by "
+                                   "them. About a minute.")
     p.add_argument("--runs", type=int, default=15, help="timed runs per size and backend")
+    p.add_argument("--out", type=Path, help="write the profile here instead")
     p.set_defaults(func=_tune)
 
 
@@ -103,9 +105,7 @@ def _tune(args, parser) -> int:
     if args.runs < 1:
         parser.error(f"--runs: expected a positive number, got {args.runs}")
     measured = profile.measure(runs=args.runs)
-    print(f"small_values={measured.small_values} aten_nchw_max_values="
-          f"{measured.aten_nchw_max_values} aten_rows_max={measured.aten_rows_max}")
-    print(f"profile: {profile.store(measured)}")
+    print(f"profile: {profile.store(measured, args.out)}")
     return 0
 
 

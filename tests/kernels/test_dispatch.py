@@ -1,5 +1,7 @@
-"""kernels.dispatch: one routing decision per call, from the default machine profile."""
+"""kernels.dispatch: one routing decision per call, from the default machine profile (the cost
+models `batchnorm tune` fitted on the benchmark machine) and the accuracy bound."""
 
+import dataclasses
 import json
 
 import pytest
@@ -21,6 +23,9 @@ def choose(shape, fmt=torch.contiguous_format, training=True, fused=False, dtype
     ((32, 16, 8, 8), CL, True, False, "aten"),                        # small channels-last
     ((32, 64, 56, 56), torch.contiguous_format, True, False, "numba"),
     ((32, 64, 56, 56), CL, True, False, "numba"),                      # aten's sums drift there
+    ((16, 960, 2, 2), torch.contiguous_format, True, False, "numba"),  # aten pays per plane
+    ((16, 960, 2, 2), CL, True, False, "aten"),
+    ((1, 2, 128, 256), CL, True, False, "numba"),                      # 32768 values a channel
     ((512, 1024), torch.contiguous_format, True, False, "aten"),      # (N, C), short columns
     ((32768, 64), torch.contiguous_format, True, False, "numba"),     # (N, C), long columns
     ((32, 64, 56, 56), torch.contiguous_format, False, False, "aten"),  # eval: one affine pass
@@ -28,8 +33,21 @@ def choose(shape, fmt=torch.contiguous_format, training=True, fused=False, dtype
     ((32, 64, 56, 56), torch.contiguous_format, True, True, "numba"),
 ])
 def test_default_routes(shape, fmt, training, fused, expected):
-    assert profile.current() == profile.Profile()
+    assert profile.current() == profile.defaults()
     assert choose(shape, fmt, training, fused) == expected
+
+
+def test_the_profile_picks_the_measured_winner_and_interpolates_between():
+    def at(values, aten, numba):
+        return profile.Timing(values=values, run=16, aten=aten, numba=numba)
+    rows = (at(1 << 10, 1.0, 2.0), at(1 << 14, 1.0, 1.1), at(1 << 20, 3.0, 1.0))
+    known = profile.Profile(timings={"train/nchw": rows}, machine="test")
+    assert known.faster("train", "nchw", torch.empty(4, 16, 4, 4)) == "aten"       # 2^10
+    assert known.faster("train", "nchw", torch.empty(4096, 16, 4, 4)) == "numba"   # 2^20
+    # nearer the 2^14 point (aten by 10%) than the 2^20 one (ours 3x): log-ratios weighted
+    assert known.faster("train", "nchw", torch.empty(128, 16, 4, 4)) == "aten"     # 2^15
+    assert known.faster("train", "nchw", torch.empty(1024, 16, 4, 4)) == "numba"   # 2^18
+    assert known.faster("train", "nchw", torch.empty(1 << 16, 16, 4, 4)) == "numba"  # beyond
 
 
 def test_other_dtypes_and_strides_take_torchs_kernel():
@@ -79,27 +97,52 @@ def test_profile_is_stored_per_machine_and_read_back(tmp_path, monkeypatch):
     monkeypatch.setenv("BATCHNORM_PROFILE", str(target))
     profile.current.cache_clear()
     try:
-        assert profile.current() == profile.Profile()  # no file: the defaults
-        measured = profile.Profile(small_values=1 << 12, aten_nchw_max_values=1 << 20,
-                                   aten_rows_max=64, machine=profile.machine())
+        assert profile.current() == profile.defaults()  # no file: the defaults
+        # a machine where aten wins every NCHW call and ours every (N, C) one
+        timings = dict(profile.defaults().timings)
+        timings["train/nchw"] = tuple(dataclasses.replace(t, aten=t.numba / 2)
+                                      for t in timings["train/nchw"])
+        timings["train/rows"] = tuple(dataclasses.replace(t, numba=t.aten / 2)
+                                      for t in timings["train/rows"])
+        measured = profile.Profile(timings=timings, machine=profile.machine())
         assert profile.store(measured) == target
         assert profile.current() == measured
-        assert choose((8, 16, 64, 64)) == "aten"        # NCHW up to 2^20 values: measured faster
-        assert choose((512, 1024)) == "numba"           # (N, C) beyond 64 rows
+        assert choose((32, 64, 56, 56)) == "aten"
+        assert choose((512, 1024)) == "numba"
         target.write_text(json.dumps(dict(json.loads(target.read_text()), machine="another")))
         profile.current.cache_clear()
-        assert profile.current() == profile.Profile()  # another machine's profile is not used
+        assert profile.current() == profile.defaults()  # another machine's profile is not used
+        target.write_text("{not json")
+        profile.current.cache_clear()
+        assert profile.current() == profile.defaults()  # an unreadable one neither
+    finally:
+        profile.current.cache_clear()
+
+
+def test_accuracy_bounds_the_aten_route_whatever_the_profile_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATCHNORM_PROFILE", str(tmp_path / "p.json"))
+    timings = {key: tuple(dataclasses.replace(t, aten=t.numba / 2) for t in rows)
+               for key, rows in profile.defaults().timings.items()}
+    profile.store(profile.Profile(timings=timings, machine=profile.machine()))
+    try:
+        assert choose((32, 64, 56, 56), CL) == "numba"
+        assert choose((32, 64, 56, 56), CL, dtype=torch.float64) == "aten"
+        assert choose((32768, 64)) == "numba"
+        assert choose((16384, 64)) == "aten"
     finally:
         profile.current.cache_clear()
 
 
 def test_tune_measures_a_profile_that_routes_by_it(tmp_path, monkeypatch):
-    """`batchnorm tune` times both backends and stores what it found; the sweep is shortened
+    """`batchnorm tune` times both backends and stores the fitted models; the sweep is shortened
     here, the logic is the same."""
     monkeypatch.setenv("BATCHNORM_PROFILE", str(tmp_path / "p.json"))
     lines = []
     measured = profile.measure(report=lines.append, runs=2, max_values=1 << 16)
     assert measured.machine == profile.machine()
-    assert 1 << 12 <= measured.small_values <= 1 << 16
+    assert set(measured.timings) == set(profile.defaults().timings)
+    assert all(t.aten > 0 and t.numba > 0 for rows in measured.timings.values() for t in rows)
     assert any("aten" in line and "ours" in line for line in lines)
+    profile.store(measured)
+    assert profile.current() == measured
     profile.current.cache_clear()

@@ -15,8 +15,9 @@ forced backend); their backward is closed-form, and falls back to autograd throu
 math when a graph of the backward is asked for (create_graph=True) or its gradient is batched.
 
 `choose` decides once per call, from the device, dtype, layout, size and autograd mode of the
-input and the machine profile (`profile.current()`: the sizes from which our kernels beat aten,
-measured by `batchnorm tune`, conservative defaults on an unknown machine). `use_backend` forces a
+input and the machine profile (`profile.current()`: cost models of aten and our kernels per
+layout, fitted to timings by `batchnorm tune`; on an unknown machine those of the machine the
+benchmarks ran on), bounded by accuracy (`profile.aten_accurate`). `use_backend` forces a
 backend for a block of code (tests, benchmarks, users who know better); a transform that only the
 composite math survives still takes it.
 """
@@ -142,13 +143,10 @@ def _choose(x: Tensor, training: bool, fused: bool) -> str:
     layout = _dense_layout(x) if x.device.type == "cpu" else None
     if layout is None or x.dtype not in (torch.float32, torch.float64):
         return "aten"
-    numel = x.numel()
     known = profile.current()
     if not training:
         # Eval with nothing fused is one affine pass whoever runs it: torch's kernel.
-        return "numba" if fused and numel > known.small_values else "aten"
-    if (numel <= known.small_values
-            or layout == "nchw" and numel <= known.aten_nchw_max_values
-            or layout == "rows" and numel // x.shape[1] <= known.aten_rows_max):
-        return "aten"
+        return known.faster("eval_fused", layout, x) if fused else "aten"
+    if profile.aten_accurate(x, layout):
+        return known.faster("train", layout, x)
     return "numba"

@@ -1,19 +1,26 @@
-"""The machine profile: the sizes at which `dispatch.choose` moves from torch's kernel to ours.
+"""The machine profile: measured timings from which `dispatch.choose` picks aten or ours.
 
-Whether aten (torch.nn's kernel) or our Numba kernels win a training step depends on the machine:
-small batches are overhead-bound (a Python autograd.Function and kernel host code cost more than
-torch.nn's whole step), large ones memory-bound (our fused kernels make fewer passes). Where the
-crossover lies differs between a 2-core VM, a laptop and a 64-core server, so it is measured there:
-`batchnorm tune` (`measure()`) times both on a sweep of sizes and stores the result in the user
-cache directory, keyed by the machine's description. Without a profile for this machine the
-defaults below apply; they are conservative in that each lets aten take only what it measured
-faster at on every machine we have run (the 2-core EPYC of `benchmarks/results`).
+Whether aten (torch.nn's kernel) or our Numba kernels win a CPU call depends on the machine and
+on the shape, not on a size alone: small calls are overhead-bound (a Python autograd.Function
+and kernel host code cost more than torch.nn's whole step), large ones memory-bound (our fused
+kernels make fewer passes), and in between caches, vector tails and torch's per-plane loop
+(a many-channel 2x2 NCHW map is slow there at any size) move the crossover in ways no simple
+formula follows. So the profile is a table: for each mode (training step, fused eval call) and
+layout, aten's and our time on a sweep of shapes like real networks' layers (ResNet's,
+MobileNetV2's, MLPs'), small to memory-bound. A call is placed in the plane of
 
-Accuracy is not the profile's business: the aten route only ever takes training batches where its
-fp32 sums are as accurate as ours (contiguous NCHW, where torch accumulates in double; and small
-or short-column batches), whatever the timings say. Channels-last batches above `small_values`
-always take ours: aten's unshifted fp32 sums there drift to 2.3e-5 of the output at 100k values per
-channel even at mean 0 (measured, torch 2.13).
+    (log2 values, log2 run)    run = the contiguous inner length: H*W for NCHW, C otherwise
+
+and takes the backend that the inverse-distance-weighted mean of log(aten / ours) of its two
+nearest measured shapes favours; a tie goes to aten, torch.nn's own kernel.
+
+`batchnorm tune` (`measure()`) times the sweep and stores the table in the user cache
+directory, keyed by the machine's description; without one for this machine,
+`default-profile.json` beside this file applies: the same measurement, made on the 2-core EPYC
+of `benchmarks/results`.
+
+Accuracy is not the profile's business: the aten route only ever takes training batches where
+its fp32 sums are as accurate as ours, whatever the timings say (`aten_accurate`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -32,23 +40,85 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-# The most values a training batch of any layout may have on the aten route: there aten's fp32
-# sums stay within our 1e-5 of the output for |mean| up to a few std (measured, torch 2.13).
-_ATEN_ACCURATE_VALUES = 1 << 16
+MODES = ("train", "eval_fused")
+LAYOUTS = ("nchw", "channels_last", "rows")
+BACKENDS = ("aten", "numba")
+
+# The most values per channel a channels-last or (N, C) fp32 training batch may have on the aten
+# route. torch's kernel sums those layouts in fp32 row by row, and its error grows with the sum's
+# length and the channel's |mean| / std: at 16384 values per channel and |mean| = 3 std it stays
+# within 1e-5 of the output, at 32768 it reaches 1.7e-5, at 131072 and mean 0 3e-5 (measured,
+# torch 2.13, against the float64 reference; ours stays below 1e-6). Contiguous NCHW sums are
+# within 2e-6 at any size, fp64 ones at any size and layout.
+ATEN_ACCURATE_VALUES_PER_CHANNEL = 1 << 14
+
+_DEFAULTS = Path(__file__).with_name("default-profile.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One measured shape: its values and contiguous run (the module docstring), and the median
+    seconds of aten's call and ours."""
+
+    values: int
+    run: int
+    aten: float
+    numba: float
 
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """Training batches of at most `small_values` values take aten in every layout; contiguous
-    NCHW ones up to `aten_nchw_max_values`; (N, C) ones up to `aten_rows_max` values per
-    channel. Defaults measured on a 2-core EPYC (README, docs/kernels.md): a small step is
-    ~150 us in torch.nn, our eager path's fixed costs alone ~300 us; (N, C) 512x1024 ran 0.5x on
-    our row walk."""
+    """timings["train/nchw"] are the training steps (forward and backward) of contiguous NCHW
+    batches, and so on for every mode x layout of MODES, LAYOUTS."""
 
-    small_values: int = 1 << 16
-    aten_nchw_max_values: int = 1 << 16
-    aten_rows_max: int = 1 << 14
+    timings: dict[str, tuple[Timing, ...]]
     machine: str = "defaults"
+    # (mode, layout, values, run) -> backend: a network repeats a few dozen shapes.
+    _decided: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def faster(self, mode: str, layout: str, x: Tensor) -> str:
+        """"aten" or "numba": the backend the measurements nearest to x's shape favour."""
+        key = (mode, layout, x.numel(), _spatial(x) if layout == "nchw" else x.shape[1])
+        decided = self._decided.get(key)
+        if decided is None:
+            decided = self._decided[key] = self._interpolate(*key)
+        return decided
+
+    def _interpolate(self, mode: str, layout: str, values: int, run: int) -> str:
+        here = (math.log2(values), math.log2(run))
+        nearest = sorted(((math.dist(here, (math.log2(t.values), math.log2(t.run))), t)
+                          for t in self.timings[f"{mode}/{layout}"]), key=lambda d_t: d_t[0])[:2]
+        weights = [1 / (distance + 1e-3) for distance, _ in nearest]
+        log_ratio = sum(w * math.log(t.aten / t.numba) for w, (_, t) in zip(weights, nearest))
+        return "aten" if log_ratio <= 0 else "numba"
+
+    def to_json(self) -> dict:
+        return {"machine": self.machine,
+                "timings": {key: [dataclasses.asdict(t) for t in rows]
+                            for key, rows in self.timings.items()}}
+
+    @classmethod
+    def from_json(cls, stored: dict) -> Profile:
+        timings = {key: tuple(Timing(**t) for t in rows)
+                   for key, rows in stored["timings"].items()}
+        missing = {f"{m}/{lay}" for m in MODES for lay in LAYOUTS} - {
+            key for key, rows in timings.items() if rows}
+        if missing:
+            raise ValueError(f"profile: no timings for {', '.join(sorted(missing))}")
+        return cls(timings=timings, machine=stored["machine"])
+
+
+def _spatial(x: Tensor) -> int:
+    spatial = 1
+    for size in x.shape[2:]:
+        spatial *= size
+    return spatial
+
+
+def aten_accurate(x: Tensor, layout: str) -> bool:
+    """Whether torch's training kernel computes x's statistics as accurately as ours."""
+    return (layout == "nchw" or x.dtype == torch.float64
+            or x.numel() // x.shape[1] <= ATEN_ACCURATE_VALUES_PER_CHANNEL)
 
 
 def machine() -> str:
@@ -77,16 +147,21 @@ def path() -> Path:
 
 
 @functools.cache
+def defaults() -> Profile:
+    """The profile measured on the machine of `benchmarks/results` (`default-profile.json`)."""
+    return Profile.from_json(json.loads(_DEFAULTS.read_text()))
+
+
+@functools.cache
 def current() -> Profile:
     """This machine's stored profile, or the defaults (no file, another machine's, unreadable)."""
     try:
         stored = json.loads(path().read_text())
         if stored.get("machine") == machine():
-            fields = {f.name for f in dataclasses.fields(Profile)}
-            return Profile(**{k: v for k, v in stored.items() if k in fields})
-    except (OSError, ValueError, TypeError):
+            return Profile.from_json(stored)
+    except (OSError, ValueError, TypeError, KeyError):
         pass
-    return Profile()
+    return defaults()
 
 
 def triton_wins(x: Tensor) -> bool:
@@ -96,63 +171,70 @@ def triton_wins(x: Tensor) -> bool:
     return cuda.path_key(x) in cuda.WINS
 
 
-def _step_time(backend: str, x: Tensor, dy: Tensor, layer: torch.nn.Module) -> float:
+# The sweep: shapes of real networks' batch norms (ResNet's stem and stages, MobileNetV2's
+# expanded and many-channel 8x8, 4x4 and 2x2 maps) and of MLPs, small to memory-bound.
+SWEEP = {
+    "nchw": [(8, 16, 8, 8), (16, 64, 4, 4), (16, 160, 2, 2), (16, 960, 2, 2), (16, 1280, 2, 2),
+             (16, 384, 4, 4), (16, 576, 4, 4), (16, 32, 8, 8), (16, 192, 8, 8), (16, 24, 16, 16),
+             (16, 96, 16, 16), (16, 144, 16, 16), (16, 16, 32, 32), (16, 32, 32, 32),
+             (16, 96, 32, 32), (32, 64, 56, 56)],
+    "rows": [(64, 256), (512, 1024), (4096, 256), (16384, 64), (65536, 32)],
+}
+SWEEP["channels_last"] = SWEEP["nchw"]
+
+
+def _call(backend: str, mode: str, x: Tensor, dy: Tensor, layer: torch.nn.Module) -> float:
+    from batchnorm import functional
     from batchnorm.kernels.dispatch import use_backend
     with use_backend(backend):
         start = time.perf_counter()
-        layer(x).backward(dy)
+        if mode == "train":
+            layer(x).backward(dy)
+        else:
+            with torch.no_grad():
+                functional.batch_norm(x, layer.running_mean, layer.running_var, layer.weight,
+                                      layer.bias, activation="relu")
         return time.perf_counter() - start
 
 
-def _aten_wins_up_to(shapes: list[tuple[int, ...]], fmt: torch.memory_format, runs: int,
-                     report) -> int:
-    """The largest size of `shapes` (ascending) up to which aten's training step was at least as
-    fast as ours at every size (0 if never), medians of interleaved runs."""
+def _timings(mode: str, layout: str, runs: int, max_values: int, report) -> tuple[Timing, ...]:
+    """aten's and our median time, of `runs` interleaved calls, for each sweep shape."""
     import batchnorm
-    largest = 0
-    for shape in shapes:
-        x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    measured = []
+    for shape in SWEEP[layout]:
+        if torch.Size(shape).numel() > max_values:
+            continue
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(mode == "train")
         dy = torch.randn(shape).contiguous(memory_format=fmt)
-        layer = batchnorm.BatchNorm2d(shape[1]) if len(shape) == 4 else batchnorm.BatchNorm1d(
-            shape[1])
-        times: dict[str, list[float]] = {"aten": [], "numba": []}
-        for backend in times:  # warm-up: compiles the kernels
-            _step_time(backend, x, dy, layer)
+        layer = (batchnorm.BatchNorm2d if len(shape) == 4 else batchnorm.BatchNorm1d)(shape[1])
+        times: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
+        for backend in times:  # warm-up: compiles or loads the kernels
+            _call(backend, mode, x, dy, layer)
         for _ in range(runs):
             for backend in times:
-                times[backend].append(_step_time(backend, x, dy, layer))
+                times[backend].append(_call(backend, mode, x, dy, layer))
         aten, ours = statistics.median(times["aten"]), statistics.median(times["numba"])
-        report(f"  {'x'.join(map(str, shape)):>16} {str(fmt)[6:]:<18} aten {aten * 1e3:8.3f} ms"
-               f"  ours {ours * 1e3:8.3f} ms")
-        if aten > ours:
-            break
-        largest = x.numel()
-    return largest
+        run = _spatial(x) if layout == "nchw" else shape[1]
+        measured.append(Timing(values=x.numel(), run=run, aten=aten, numba=ours))
+        report(f"  {mode:<10} {layout:<13} {'x'.join(map(str, shape)):>14}  aten "
+               f"{aten * 1e3:8.3f} ms  ours {ours * 1e3:8.3f} ms")
+    return tuple(measured)
 
 
 def measure(report=print, runs: int = 15, max_values: int = 1 << 23) -> Profile:
-    """Time aten against our kernels on a sweep of training steps (medians of `runs`, batches of
-    up to `max_values` values) and return the profile."""
-    nchw = [(8, 16, side, side) for side in (8, 16, 32, 64, 128, 256)
-            if 8 * 16 * side * side <= max_values]
-    rows = [(m, 256) for m in (64, 256, 1024, 4096, 16384, 65536) if m * 256 <= max_values]
-    report("NCHW (contiguous)")
-    nchw_max = _aten_wins_up_to(nchw, torch.contiguous_format, runs, report)
-    report("channels-last")
-    last_max = _aten_wins_up_to(nchw, torch.channels_last, runs, report)
-    report("(N, C)")
-    rows_max = _aten_wins_up_to(rows, torch.contiguous_format, runs, report)
-    small = min(max(min(nchw_max, last_max, rows_max), 1 << 12), _ATEN_ACCURATE_VALUES)
-    return Profile(small_values=small, aten_nchw_max_values=max(nchw_max, small),
-                   aten_rows_max=min(max(rows_max // 256, small // 256), 1 << 14), machine=machine())
+    """Time aten against our kernels on the sweep (medians of `runs`, batches of up to
+    `max_values` values)."""
+    return Profile(timings={f"{mode}/{layout}": _timings(mode, layout, runs, max_values, report)
+                            for mode in MODES for layout in LAYOUTS}, machine=machine())
 
 
-def store(measured: Profile) -> Path:
-    """Write the profile atomically to `path()`; later processes pick it up."""
-    target = path()
+def store(measured: Profile, target: Path | None = None) -> Path:
+    """Write the profile atomically to `target` (default `path()`); later processes pick it up."""
+    target = target or path()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(dataclasses.asdict(measured), tmp, indent=1)
+        json.dump(measured.to_json(), tmp, indent=1)
     os.replace(tmp.name, target)
     current.cache_clear()
     return target
