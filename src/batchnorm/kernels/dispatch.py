@@ -15,9 +15,9 @@ forced backend); their backward is closed-form, and falls back to autograd throu
 math when a graph of the backward is asked for (create_graph=True) or its gradient is batched.
 
 `choose` decides once per call, from the device, dtype, layout, size and autograd mode of the
-input and the machine profile (`profile.current()`: cost models of aten and our kernels per
-layout, fitted to timings by `batchnorm tune`; on an unknown machine those of the machine the
-benchmarks ran on), bounded by accuracy (`profile.aten_accurate`). `use_backend` forces a
+input and the machine profile (`profile.current()`: aten's and our measured times on a sweep of
+real networks' shapes per layout, by `batchnorm tune`; on an unknown machine those of the
+machine the benchmarks ran on), bounded by accuracy (`profile.aten_accurate`). `use_backend` forces a
 backend for a block of code (tests, benchmarks, users who know better); a transform that only the
 composite math survives still takes it.
 """
