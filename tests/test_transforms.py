@@ -98,14 +98,16 @@ def test_eval_mode_second_order(backend):
     assert gradgradcheck(f, (x, *params), check_fwd_over_rev=True, fast_mode=True)
 
 
-@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_gradient_penalty_on_the_default_route_of_a_large_batch_matches_torch_nn(fmt):
-    """A WGAN-GP/R1 penalty: the gradient of |dL/dx|^2 needs the backward's own graph. This batch
-    runs on our kernels by default; the second-order terms must be torch.nn's."""
-    x = (torch.randn(16, 8, 32, 32) * 2 + 1).contiguous(memory_format=fmt)
+@pytest.mark.parametrize("shape,fmt", [((16, 96, 32, 32), torch.contiguous_format),
+                                       ((32, 8, 32, 32), torch.channels_last)])
+def test_gradient_penalty_on_the_default_route_of_a_large_batch_matches_torch_nn(shape, fmt):
+    """A WGAN-GP/R1 penalty: the gradient of |dL/dx|^2 needs the backward's own graph. These
+    batches run on our kernels by default (measured faster; aten's channels-last sums are not
+    accurate at 32768 values a channel); the second-order terms must be torch.nn's."""
+    x = (torch.randn(shape) * 2 + 1).contiguous(memory_format=fmt)
     assert dispatch.choose(x, training=True, fused=False) == "numba"
     results = []
-    for layer in (batchnorm.BatchNorm2d(8), torch.nn.BatchNorm2d(8)):
+    for layer in (batchnorm.BatchNorm2d(shape[1]), torch.nn.BatchNorm2d(shape[1])):
         layer.weight.data.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
         xi = x.clone().requires_grad_()
         out = layer(xi)
