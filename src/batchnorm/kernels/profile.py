@@ -172,12 +172,14 @@ def triton_wins(x: Tensor) -> bool:
 
 
 # The sweep: shapes of real networks' batch norms (ResNet's stem and stages, MobileNetV2's
-# expanded and many-channel 8x8, 4x4 and 2x2 maps) and of MLPs, small to memory-bound.
+# expanded and many-channel 8x8, 4x4 and 2x2 maps, at batch 16 and at large batches) and of
+# MLPs, small to memory-bound.
 SWEEP = {
     "nchw": [(8, 16, 8, 8), (16, 64, 4, 4), (16, 160, 2, 2), (16, 960, 2, 2), (16, 1280, 2, 2),
              (16, 384, 4, 4), (16, 576, 4, 4), (16, 32, 8, 8), (16, 192, 8, 8), (16, 24, 16, 16),
              (16, 96, 16, 16), (16, 144, 16, 16), (16, 16, 32, 32), (16, 32, 32, 32),
-             (16, 96, 32, 32), (32, 64, 56, 56)],
+             (16, 96, 32, 32), (32, 64, 56, 56), (128, 1280, 2, 2), (128, 960, 4, 4),
+             (64, 512, 8, 8), (32, 1024, 7, 7)],
     "rows": [(64, 256), (512, 1024), (4096, 256), (16384, 64), (65536, 32)],
 }
 SWEEP["channels_last"] = SWEEP["nchw"]
