@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from batchnorm.lab.claims import santurkar
-from batchnorm.lab.claims.common import all_of, fmt, mean_ci, verdict
+from batchnorm.lab.claims.common import fmt, mean_ci
 
 NAME = "ics"
 TITLE = "BN works by reducing internal covariate shift"
@@ -53,20 +53,13 @@ def evaluate(runs: list[dict], classes: int) -> dict:
     }
     numbers["log10(ICS noisy BN / ICS BN)"] = mean_ci(
         santurkar.log_ratio(ics["noisy_batch"], ics["batch"]))
-    predictions = []
-    for p in PREDICTIONS:
-        est = estimates[p["name"]]
-        numbers[p["metric"]] = est
-        predictions.append({**p, "estimate": est,
-                            "verdict": verdict(est, p["threshold"], p["higher_supports"])})
+    result = santurkar.judge(PREDICTIONS, estimates, numbers)
+    noise, measured = result["predictions"]
     return {
-        "metric": "both predictions",
-        "predictions": predictions,
-        "verdict": all_of([p["verdict"] for p in predictions]),
-        "numbers": numbers,
+        **result,
         "headline": f"noisy BN loses {fmt(estimates['noise'])} points of BN's test accuracy "
-                    f"({predictions[0]['verdict']}); log10(ICS BN / no norm) "
-                    f"{fmt(estimates['ics'], 1, 2)} ({predictions[1]['verdict']}); test no norm "
+                    f"({noise['verdict']}); log10(ICS BN / no norm) "
+                    f"{fmt(estimates['ics'], 1, 2)} ({measured['verdict']}); test no norm "
                     f"{fmt(numbers['no norm: final test (%)'])}%, BN "
                     f"{fmt(numbers['BN: final test (%)'])}%, noisy BN "
                     f"{fmt(numbers['noisy BN: final test (%)'])}%",

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from batchnorm.lab.claims.common import POINTS, band, select
+from batchnorm.lab.claims.common import POINTS, all_of, band, select, verdict
 
 VARIANTS = {"none": "no norm", "batch": "BN", "noisy_batch": "noisy BN"}
 REFERENCE = ("Santurkar et al. 2018 (VGG on CIFAR-10; deep linear networks): BN followed by "
@@ -56,6 +56,19 @@ def log_ratio(a: list[float], b: list[float]) -> list[float]:
     """Per seed, log10(a / b): ratios are compared on a log scale, where 2x and 1/2x are equally
     far from 1 and the mean over seeds is the log of the geometric mean."""
     return [math.log10(x / y) for x, y in zip(a, b)]
+
+
+def judge(predictions: list[dict], estimates: dict[str, dict], numbers: dict) -> dict:
+    """The evaluation of a claim that holds when all its `predictions` do: each one's estimate
+    (`estimates[name]`, also recorded in `numbers` under its metric) against its threshold; the
+    caller adds the headline."""
+    judged = []
+    for p in predictions:
+        est = numbers[p["metric"]] = estimates[p["name"]]
+        judged.append({**p, "estimate": est,
+                       "verdict": verdict(est, p["threshold"], p["higher_supports"])})
+    return {"metric": "both predictions", "predictions": judged,
+            "verdict": all_of([p["verdict"] for p in judged]), "numbers": numbers}
 
 
 def curves(ax, runs: list[dict], what: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from batchnorm.lab.claims import santurkar
-from batchnorm.lab.claims.common import all_of, fmt, mean_ci, verdict
+from batchnorm.lab.claims.common import fmt, mean_ci
 
 NAME = "smoothness"
 TITLE = "BN smooths the loss landscape"
@@ -41,26 +41,21 @@ def evaluate(runs: list[dict], classes: int) -> dict:
                                ("beta", "effective beta-smoothness")):
             numbers[f"{label}: {text}"] = mean_ci([santurkar.landscape(m, quantity)
                                                    for m in v[norm]])
-    predictions = []
-    for p in PREDICTIONS:
-        q = QUANTITIES[p["name"]]
-        est = mean_ci(santurkar.log_ratio([santurkar.landscape(m, q) for m in v["none"]],
-                                          [santurkar.landscape(m, q) for m in v["batch"]]))
-        numbers[p["metric"]] = est
-        predictions.append({**p, "estimate": est,
-                            "verdict": verdict(est, p["threshold"], p["higher_supports"])})
-    numbers["log10(beta-smoothness no norm / BN)"] = mean_ci(santurkar.log_ratio(
-        [santurkar.landscape(m, "beta") for m in v["none"]],
-        [santurkar.landscape(m, "beta") for m in v["batch"]]))
-    loss, grad = (p["estimate"] for p in predictions)
+
+    def none_over_bn(quantity: str) -> dict:
+        """log10(no norm / BN) of a landscape quantity, seed by seed."""
+        return mean_ci(santurkar.log_ratio(*([santurkar.landscape(m, quantity) for m in v[norm]]
+                                             for norm in ("none", "batch"))))
+
+    estimates = {p["name"]: none_over_bn(QUANTITIES[p["name"]]) for p in PREDICTIONS}
+    result = santurkar.judge(PREDICTIONS, estimates, numbers)
+    numbers["log10(beta-smoothness no norm / BN)"] = none_over_bn("beta")
+    loss, grad = result["predictions"]
     return {
-        "metric": "both predictions",
-        "predictions": predictions,
-        "verdict": all_of([p["verdict"] for p in predictions]),
-        "numbers": numbers,
-        "headline": f"log10(no norm / BN): loss range {fmt(loss, 1, 2)} "
-                    f"({predictions[0]['verdict']}), gradient change {fmt(grad, 1, 2)} "
-                    f"({predictions[1]['verdict']}); beta-smoothness "
+        **result,
+        "headline": f"log10(no norm / BN): loss range {fmt(loss['estimate'], 1, 2)} "
+                    f"({loss['verdict']}), gradient change {fmt(grad['estimate'], 1, 2)} "
+                    f"({grad['verdict']}); beta-smoothness "
                     f"{fmt(numbers['log10(beta-smoothness no norm / BN)'], 1, 2)}",
     }
 
