@@ -17,9 +17,9 @@ math when a graph of the backward is asked for (create_graph=True) or its gradie
 `choose` decides once per call, from the device, dtype, layout, size and autograd mode of the
 input and the machine profile (`profile.current()`: aten's and our measured times on a sweep of
 real networks' shapes per layout, by `batchnorm tune`; on an unknown machine those of the
-machine the benchmarks ran on), bounded by accuracy (`profile.aten_accurate`). `use_backend` forces a
-backend for a block of code (tests, benchmarks, users who know better); a transform that only the
-composite math survives still takes it.
+machine the benchmarks ran on), bounded by accuracy (`profile.aten_accurate`). `use_backend`
+forces a backend for a block of code (tests, benchmarks, users who know better); a transform
+that only the composite math survives still takes it.
 """
 
 from __future__ import annotations
