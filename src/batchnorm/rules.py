@@ -138,25 +138,29 @@ def commit_running_stats(running_mean: Tensor, running_var: Tensor,
     tensors) the guard is a branch-free `torch.where`, which needs no host synchronisation and so
     cannot warn.
     """
-    acc = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
-    # x - x is 0 for finite x and NaN for NaN or Inf, and 0 * v is NaN for non-finite v: one
-    # reduction checks both buffers (torch.isfinite costs several kernels).
-    check = torch.dot(_as(new_mean, acc) - _as(new_mean, acc), _as(new_var, acc))
-    if (torch.compiler.is_compiling() or running_mean.device.type != "cpu"
-            or not _has_data(running_mean)):
-        finite = check == 0
-        running_mean.copy_(torch.where(finite, new_mean, running_mean))
-        running_var.copy_(torch.where(finite, new_var, running_var))
+    if running_mean.is_cpu and not torch.compiler.is_compiling() and _has_data(running_mean):
+        if _nonfinite_sum(new_mean, new_var).item() != 0:
+            _warn_nonfinite(name, warn_key)
+            return
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
         if num_batches_tracked is not None:
-            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+            num_batches_tracked.add_(1)
         return
-    if check.item() != 0:
-        _warn_nonfinite(name, warn_key)
-        return
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
+    finite = _nonfinite_sum(new_mean, new_var) == 0
+    running_mean.copy_(torch.where(finite, new_mean, running_mean))
+    running_var.copy_(torch.where(finite, new_var, running_var))
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+
+
+def _nonfinite_sum(mean: Tensor, var: Tensor) -> Tensor:
+    """A 0-dim tensor that is 0 if every element of both is finite, NaN otherwise: x - x is 0
+    for finite x and NaN for NaN or Inf, and 0 * v is NaN for non-finite v, so one dot product
+    checks both (torch.isfinite costs several kernels)."""
+    acc = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    mean, var = _as(mean, acc), _as(var, acc)
+    return torch.dot(mean - mean, var)
 
 
 def momentum_value(momentum: float | None, num_batches_tracked: Tensor | None) -> float:

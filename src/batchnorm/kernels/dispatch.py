@@ -25,7 +25,6 @@ that only the composite math survives still takes it.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
@@ -35,7 +34,6 @@ from batchnorm.kernels import profile
 
 BACKENDS = ("aten", "composite", "numba", "triton", "native")
 KERNEL_BACKENDS = ("numba", "triton", "native")
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 # The forced backend, process-wide: a plain global, which torch.compile reads as a constant and
 # guards on (a ContextVar would break its graph).
@@ -81,24 +79,13 @@ def transform(x: Tensor) -> str | None:
     return None
 
 
-def _dense_layout(x: Tensor) -> str | None:
-    """"nchw" (contiguous, spatial > 1), "rows" ((N, C), or contiguous with spatial size 1),
-    "channels_last", or None for any other strides."""
-    if x.is_contiguous():
-        return "nchw" if x.ndim > 2 and math.prod(x.shape[2:]) > 1 else "rows"
-    fmt = _CHANNELS_LAST.get(x.ndim)
-    if fmt is not None and x.is_contiguous(memory_format=fmt):
-        return "channels_last"
-    return None
-
-
 def kernel_takes(backend: str, x: Tensor) -> bool:
     """Whether kernel backend `backend` computes `x` (non-empty)."""
     if backend == "native":
         return True
     if backend == "numba":
         return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                and _dense_layout(x) is not None)
+                and profile.dense_layout(x) is not None)
     if backend == "triton":
         from batchnorm import kernels
         cuda = kernels._cuda() if x.is_cuda else None
@@ -109,8 +96,11 @@ def kernel_takes(backend: str, x: Tensor) -> bool:
 def aten_takes(x: Tensor, per_channel: tuple[Tensor | None, ...]) -> bool:
     """Whether torch's kernel takes these dtypes: the per-channel tensors in x's dtype, or fp32
     with a reduced-precision x (torch refuses any other mix)."""
-    allowed = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
-    return all(t is None or t.dtype in allowed for t in per_channel)
+    reduced = x.dtype in (torch.float16, torch.bfloat16)
+    for t in per_channel:
+        if t is not None and t.dtype != x.dtype and not (reduced and t.dtype == torch.float32):
+            return False
+    return True
 
 
 def choose(x: Tensor, *, training: bool, fused: bool,
@@ -140,13 +130,6 @@ def _choose(x: Tensor, training: bool, fused: bool) -> str:
         return forced_backend
     if x.is_cuda:
         return "triton" if profile.triton_wins(x) and kernel_takes("triton", x) else "aten"
-    layout = _dense_layout(x) if x.device.type == "cpu" else None
-    if layout is None or x.dtype not in (torch.float32, torch.float64):
-        return "aten"
-    known = profile.current()
-    if not training:
-        # Eval with nothing fused is one affine pass whoever runs it: torch's kernel.
-        return known.faster("eval_fused", layout, x) if fused else "aten"
-    if profile.aten_accurate(x, layout):
-        return known.faster("train", layout, x)
-    return "numba"
+    if x.is_cpu and x.dtype in (torch.float32, torch.float64):
+        return profile.current().backend(x, training, fused)
+    return "aten"

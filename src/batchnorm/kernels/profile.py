@@ -53,6 +53,8 @@ BACKENDS = ("aten", "numba")
 ATEN_ACCURATE_VALUES_PER_CHANNEL = 1 << 14
 
 _DEFAULTS = Path(__file__).with_name("default-profile.json")
+_MAX_DECIDED = 4096
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +75,36 @@ class Profile:
 
     timings: dict[str, tuple[Timing, ...]]
     machine: str = "defaults"
-    # (mode, layout, values, run) -> backend: a network repeats a few dozen shapes.
+    # (training, fused, dtype, shape, strides) -> backend: a network repeats a few dozen shapes,
+    # and a call must cost about what torch.nn's does, so each is decided once.
     _decided: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def backend(self, x: Tensor, training: bool, fused: bool) -> str:
+        """"aten" or "numba" for a CPU fp32/fp64 call on x: eval with nothing fused is one affine
+        pass whoever runs it, so torch's; a training batch whose statistics aten's fp32 sums
+        would get less accurately than ours (`aten_accurate`), ours; otherwise the faster by
+        the measurements nearest to x's shape (`faster`). Strides that neither kernel reads
+        contiguously go to torch's."""
+        key = (training, fused, x.dtype, x.shape, x.stride())
+        decided = self._decided.get(key)
+        if decided is None:
+            if len(self._decided) >= _MAX_DECIDED:  # dynamic shapes: forget, don't grow
+                self._decided.clear()
+            decided = self._decided[key] = self._decide(x, training, fused)
+        return decided
+
+    def _decide(self, x: Tensor, training: bool, fused: bool) -> str:
+        layout = dense_layout(x)
+        if layout is None or not (training or fused):
+            return "aten"
+        if training and not aten_accurate(x, layout):
+            return "numba"
+        return self.faster("train" if training else "eval_fused", layout, x)
 
     def faster(self, mode: str, layout: str, x: Tensor) -> str:
         """"aten" or "numba": the backend the measurements nearest to x's shape favour."""
-        key = (mode, layout, x.numel(), _spatial(x) if layout == "nchw" else x.shape[1])
-        decided = self._decided.get(key)
-        if decided is None:
-            decided = self._decided[key] = self._interpolate(*key)
-        return decided
+        return self._interpolate(mode, layout, x.numel(),
+                                 _spatial(x) if layout == "nchw" else x.shape[1])
 
     def _interpolate(self, mode: str, layout: str, values: int, run: int) -> str:
         here = (math.log2(values), math.log2(run))
@@ -113,6 +135,17 @@ def _spatial(x: Tensor) -> int:
     for size in x.shape[2:]:
         spatial *= size
     return spatial
+
+
+def dense_layout(x: Tensor) -> str | None:
+    """"nchw" (contiguous, spatial > 1), "rows" ((N, C), or contiguous with spatial size 1),
+    "channels_last", or None for any other strides."""
+    if x.is_contiguous():
+        return "nchw" if x.ndim > 2 and _spatial(x) > 1 else "rows"
+    fmt = _CHANNELS_LAST.get(x.ndim)
+    if fmt is not None and x.is_contiguous(memory_format=fmt):
+        return "channels_last"
+    return None
 
 
 def aten_accurate(x: Tensor, layout: str) -> bool:
